@@ -1,0 +1,147 @@
+"""Behaviours as data: which contrastive prompt (suffix, T+, T-) each input category gets.
+
+P2S needs, per input, a completion pair whose difference points towards the desired behaviour; which
+pair is right depends on the input's category (decline vs defer-to-expert) or its label (POPE yes/no).
+Keeping that mapping in a YAML file makes the method reusable for new behaviours without code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from learn2steer.models.prompts import ImageLike, PromptRow
+
+ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One dataset row: the user's question, optional image, its category and optional label."""
+
+    id: str
+    question: str
+    image: ImageLike | None = None
+    category: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A suffix appended to the question and a pair of teacher-forced answers (T+ desired, T- not)."""
+
+    suffix: str
+    positive: str
+    negative: str
+    read: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.read not in ("last", "completion_mean"):
+            raise ValueError(f"contrast read must be 'last' or 'completion_mean', got {self.read!r}")
+
+
+@dataclass
+class BehaviourSpec:
+    """Maps input categories to contrasts; see ``data/behaviours/*.yaml`` for the shipped ones."""
+
+    name: str
+    contrasts: dict[str, Contrast]
+    categories: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+    ba: str | None = None
+    rescale_group: str | None = None
+    prompt: str = ""
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    description: str = ""
+    decline_groups: list[str] = field(default_factory=list)
+    defer_groups: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        known = set(self.contrasts) | {ZERO}
+        for cat, c in self.categories.items():
+            if c not in known:
+                raise ValueError(f"behaviour {self.name!r}: category {cat!r} uses unknown contrast {c!r} "
+                                 f"(defined: {', '.join(sorted(known))})")
+        for key in ("default", "ba", "rescale_group"):
+            val = getattr(self, key)
+            if val is not None and val not in known:
+                raise ValueError(f"behaviour {self.name!r}: {key}={val!r} is not a defined contrast")
+        reads = {c.read for c in self.contrasts.values()}
+        if len(reads) > 1:
+            raise ValueError(f"behaviour {self.name!r}: all contrasts must share one read position, got {reads}")
+
+    @property
+    def read(self) -> str:
+        return next(iter(self.contrasts.values())).read
+
+    def contrast_name(self, example: Example) -> str:
+        name = self.categories.get(example.category or "", self.default)
+        if name is None:
+            raise ValueError(f"behaviour {self.name!r} has no contrast for category {example.category!r} and no "
+                             "default; add the category to the spec's `categories` or set `default`")
+        return name
+
+    def pair(self, example: Example, contrast: str | None = None) -> tuple[PromptRow, PromptRow] | None:
+        """The (T+, T-) teacher-forced rows for ``example`` (None for the zero contrast)."""
+        name = contrast or self.contrast_name(example)
+        if name == ZERO:
+            return None
+        c = self.contrasts[name]
+        fields: dict[str, str] = {}
+        if self.labels:
+            if example.label not in self.labels:
+                raise ValueError(f"behaviour {self.name!r} needs a label in {sorted(self.labels)} for example "
+                                 f"{example.id!r}, got {example.label!r}")
+            fields["truth"], fields["opposite"] = self.labels[example.label]
+        text = example.question + c.suffix
+        return (PromptRow(text, example.image, completion=c.positive.format(**fields)),
+                PromptRow(text, example.image, completion=c.negative.format(**fields)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BehaviourSpec":
+        d = dict(d)
+        try:
+            d["contrasts"] = {k: Contrast(**v) for k, v in d["contrasts"].items()}
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"invalid behaviour spec: {e}; each contrast needs suffix, positive, negative "
+                             "and optionally read") from None
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"invalid behaviour spec: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+        return cls(**d)
+
+
+def shipped_behaviours() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("learn2steer.data.behaviours").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_behaviour(name_or_path: str | Path) -> BehaviourSpec:
+    """Load a shipped behaviour by name (``safety``, ``hallucination``) or a YAML/JSON file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json"):
+        if not p.exists():
+            raise FileNotFoundError(f"behaviour spec {str(p)!r} does not exist")
+        text = p.read_text()
+    else:
+        res = resources.files("learn2steer.data.behaviours") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ValueError(f"unknown behaviour {name_or_path!r}; shipped: {', '.join(shipped_behaviours())}, "
+                             "or pass a path to a .yaml/.json spec")
+        text = res.read_text()
+    return BehaviourSpec.from_dict(yaml.safe_load(text))

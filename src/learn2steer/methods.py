@@ -1,0 +1,141 @@
+"""Generate with any steering method: no steering, Prompt, Mean-S, Mean-S(BA), Norm-Rnd, P2S, L2S.
+
+A method turns a batch of examples into (prompt rows, a steering context). Fixed methods add one shared
+vector; P2S and Norm-Rnd add each row's own vector; L2S predicts each row's vector from the row's own
+context representation during the same prefill pass (L' <= L*) or after a read pass that stops at L'.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from learn2steer.activations import Site, read
+from learn2steer.artifacts import SteeringArtifact
+from learn2steer.behaviours import Example
+from learn2steer.generation import generate
+from learn2steer.models.loading import ModelHandle
+from learn2steer.models.prompts import PromptRow, build_inputs
+from learn2steer.predictor import L2SNet
+from learn2steer.steering import Scope, StepState, steer
+
+METHODS = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
+
+
+@dataclass
+class L2SProvider:
+    """VectorProvider for same-pass L2S: read h at L' on the prefill, write g(h) at the steering layers."""
+
+    net: L2SNet
+    context_layer: int
+    steer_layers: tuple[int, ...]
+    current: torch.Tensor | None = None
+
+    @property
+    def observe_layers(self) -> tuple[int, ...]:
+        return (self.context_layer,)
+
+    @property
+    def write_layers(self) -> tuple[int, ...]:
+        return self.steer_layers
+
+    def observe(self, layer: int, hidden: torch.Tensor, state: StepState) -> None:
+        if state.is_prefill:
+            # under left padding the last column of the prefill is every row's last prompt token
+            with torch.no_grad():
+                self.current = self.net.to(hidden.device)(hidden[:, -1].float())
+
+    def vector(self, layer: int, state: StepState) -> torch.Tensor | None:
+        return self.current
+
+
+@dataclass
+class MethodConfig:
+    """How to steer: the method, its strength and where; vectors come from artifacts or per-row maps."""
+
+    method: str = "no_steering"
+    alpha: float = 1.0
+    steer_layers: Sequence[int] = ()
+    scope: Scope | str = Scope.GENERATED
+    fixed: torch.Tensor | None = None                       # mean / mean_ba
+    per_example: Mapping[str, torch.Tensor] = field(default_factory=dict)  # p2s / norm_random: id -> [D]
+    predictor: L2SNet | None = None                         # l2s
+    context_layer: int | None = None                        # l2s
+    prompt: str = ""                                        # prompt baseline instruction
+    prompt_placement: str = "system"                        # "system" or "user"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method in ("mean", "mean_ba", "norm_random", "p2s", "l2s") and not self.steer_layers:
+            raise ValueError(f"method {self.method!r} needs steer_layers")
+        if self.method in ("mean", "mean_ba") and self.fixed is None:
+            raise ValueError(f"method {self.method!r} needs a fixed vector (train it with `l2s train`)")
+        if self.method == "l2s" and (self.predictor is None or self.context_layer is None):
+            raise ValueError("method 'l2s' needs a trained predictor and its context layer")
+        if self.method == "prompt" and not self.prompt:
+            raise ValueError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
+        if self.prompt_placement not in ("system", "user"):
+            raise ValueError("prompt_placement must be 'system' or 'user'")
+
+    @classmethod
+    def from_artifact(cls, art: SteeringArtifact, *, alpha: float | None = None, scope: str | None = None
+                      ) -> "MethodConfig":
+        common = dict(alpha=art.alpha if alpha is None else alpha, steer_layers=art.steer_layers,
+                      scope=scope or art.scope)
+        if art.kind == "l2s":
+            return cls(method="l2s", predictor=art.predictor, context_layer=art.context_layer, **common)
+        return cls(method=art.method, fixed=art.vectors[art.steer_layers[0]], **common)
+
+
+def _rows(cfg: MethodConfig, examples: Sequence[Example]) -> list[PromptRow]:
+    if cfg.method != "prompt":
+        return [PromptRow(e.question, e.image) for e in examples]
+    if cfg.prompt_placement == "system":
+        return [PromptRow(e.question, e.image, system=cfg.prompt) for e in examples]
+    return [PromptRow(f"{cfg.prompt}\n\n{e.question}", e.image) for e in examples]
+
+
+def steering_context(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example],
+                     rows: Sequence[PromptRow] | None = None) -> AbstractContextManager:
+    """The steering context for one batch of ``examples`` under ``cfg`` (no-op for unsteered methods)."""
+    layers = [handle.check_layer(x) for x in cfg.steer_layers]
+    if cfg.method in ("no_steering", "prompt"):
+        return nullcontext()
+    if cfg.method in ("mean", "mean_ba"):
+        return steer(handle, {layer: cfg.fixed for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)  # type: ignore[misc]
+    if cfg.method in ("p2s", "norm_random"):
+        missing = [e.id for e in examples if e.id not in cfg.per_example]
+        if missing:
+            raise KeyError(f"method {cfg.method!r} needs a vector for every input; missing {missing[:3]} "
+                           "(extract P2S vectors for the evaluation inputs first)")
+        v = torch.stack([cfg.per_example[e.id] for e in examples])
+        return steer(handle, {layer: v for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)
+    assert cfg.predictor is not None and cfg.context_layer is not None
+    ctx = handle.check_layer(cfg.context_layer)
+    if ctx <= min(layers):
+        return steer(handle, L2SProvider(cfg.predictor, ctx, tuple(layers)), alpha=cfg.alpha, scope=cfg.scope)
+    # L' > L*: writing at L* would change what L' sees, so read h first in a pass that stops at L'
+    batch = build_inputs(handle, rows or _rows(cfg, examples))
+    h = read(handle, batch, [Site(ctx, "prompt_last")])[Site(ctx, "prompt_last")]
+    with torch.no_grad():
+        v = cfg.predictor(h)
+    return steer(handle, {layer: v for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)
+
+
+def generate_with(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example], *, batch_size: int = 8,
+                  max_new_tokens: int = 64, progress: bool = True, **gen_kwargs: object) -> list[str]:
+    """Answer ``examples`` under one method, in batches; returns one string per example, in order."""
+    out: list[str] = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
+                  leave=False):
+        chunk = examples[i:i + batch_size]
+        rows = _rows(cfg, chunk)
+        batch = build_inputs(handle, rows)
+        with steering_context(handle, cfg, chunk, rows):
+            out.extend(generate(handle, batch, max_new_tokens=max_new_tokens, **gen_kwargs))  # type: ignore[arg-type]
+    return out
