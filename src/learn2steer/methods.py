@@ -7,6 +7,8 @@ context representation during the same prefill pass (L' <= L*) or after a read p
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -90,6 +92,22 @@ class MethodConfig:
         if art.kind == "l2s":
             return cls(method="l2s", predictor=art.predictor, context_layer=art.context_layer, **common)
         return cls(method=art.method, fixed=art.vectors[art.steer_layers[0]], **common)
+
+
+def fingerprint(cfg: MethodConfig) -> str:
+    """A hash of everything that determines a method's generations (settings and tensor contents)."""
+    h = hashlib.sha256(json.dumps([cfg.method, cfg.alpha, list(cfg.steer_layers), str(Scope(cfg.scope).value),
+                                   cfg.context_layer, cfg.prompt if cfg.method == "prompt" else "",
+                                   cfg.prompt_placement]).encode())
+    tensors: list[torch.Tensor] = []
+    if cfg.fixed is not None:
+        tensors.append(cfg.fixed)
+    tensors += [cfg.per_example[k] for k in sorted(cfg.per_example)]
+    if cfg.predictor is not None:
+        tensors += [v for _, v in sorted(cfg.predictor.state_dict().items())]
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _rows(cfg: MethodConfig, examples: Sequence[Example]) -> list[PromptRow]:

@@ -26,6 +26,9 @@ class L2SNet(nn.Module):
         self.decoder = nn.Linear(hidden, d_out, bias=False)
         self.register_buffer("in_mean", torch.zeros(d_in))
         self.register_buffer("in_std", torch.ones(d_in))
+        # Optional norm gate (beyond the paper): predictions shorter than ``gate`` become exactly zero, so
+        # inputs the net maps near zero (benign ones, when trained with zero targets) are left untouched.
+        self.register_buffer("gate", torch.zeros(()))
 
     @property
     def d_in(self) -> int:
@@ -37,7 +40,10 @@ class L2SNet(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = (h.to(self.in_mean.dtype) - self.in_mean) / self.in_std
-        return self.decoder(torch.tanh(self.encoder(x)))
+        v = self.decoder(torch.tanh(self.encoder(x)))
+        if self.gate > 0:
+            v = v * (v.norm(dim=-1, keepdim=True) >= self.gate)
+        return v
 
 
 @dataclass
@@ -74,6 +80,23 @@ class TrainResult:
         last = self.history[self.best_epoch] if self.history else {}
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss, **{f"best_{k}": v for k, v in
                                                                                       last.items() if k != "epoch"}}
+
+
+def choose_gate(pred_norms: torch.Tensor, steer: torch.Tensor) -> float:
+    """The norm threshold that best separates inputs to steer (``steer`` True) from inputs to leave alone,
+    by balanced accuracy on held-out predictions; 0 (no gate) when there is nothing to separate."""
+    steer = steer.bool()
+    if bool(steer.all()) or not bool(steer.any()):
+        return 0.0
+    best, best_t = -1.0, 0.0
+    for t in sorted(pred_norms.tolist()):
+        on = pred_norms >= t
+        acc = 0.5 * ((on & steer).sum() / steer.sum() + (~on & ~steer).sum() / (~steer).sum()).item()
+        if acc > best:
+            best, best_t = acc, t
+    lower = pred_norms[pred_norms < best_t]
+    # put the threshold halfway between the last "leave alone" norm and the first "steer" norm
+    return float((best_t + lower.max().item()) / 2) if len(lower) else float(best_t)
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

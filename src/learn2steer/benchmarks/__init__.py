@@ -1,0 +1,1 @@
+"""Benchmarks: datasets, judges, metrics, the experiment runner and reports."""
