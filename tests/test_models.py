@@ -88,3 +88,21 @@ def test_missing_model_path_is_explained(tmp_path) -> None:
 def test_make_handle_sets_left_padding(tiny_llama) -> None:
     h = make_handle(tiny_llama.model, tiny_llama.tokenizer)
     assert h.tokenizer.padding_side == "left" and h.tokenizer.pad_token_id is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl"])
+def test_load_model_from_local_folder_roundtrip(arch, request, tmp_path, synthetic_images) -> None:
+    """Saved checkpoints load back by path (Qwen2-VL without torchvision: image-only processor)."""
+    from learn2steer.generation import generate
+    from learn2steer.models.loading import load_model
+    from learn2steer.models.prompts import PromptRow, build_inputs
+
+    h = request.getfixturevalue(f"tiny_{arch}")
+    h.model.save_pretrained(tmp_path)
+    (h.processor or h.tokenizer).save_pretrained(tmp_path)
+    back = load_model(tmp_path, dtype="float32")
+    assert back.layers_path == h.layers_path and back.is_multimodal == h.is_multimodal
+    row = PromptRow("is there a dog ?", image=synthetic_images[0] if h.is_multimodal else None)
+    a, b = build_inputs(h, [row]), build_inputs(back, [row])
+    assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+    assert generate(h, a, max_new_tokens=4) == generate(back, b, max_new_tokens=4)

@@ -161,3 +161,23 @@ def stratified_split(examples: Sequence[Example], *, test_fraction: float = 0.5,
 def by_ids(examples: Iterable[Example], ids: Sequence[str]) -> list[Example]:
     pos = {e.id: e for e in examples}
     return [pos[i] for i in ids]
+
+
+def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = "none",
+                 question_field: str | None = None, tiny: bool = False, limit: int | None = None) -> list[Example]:
+    """Parse a dataset spec: ``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` | ``chair:IMAGE_DIR``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "demo":
+        out = demo_requests()
+    elif kind == "jsonl" and arg:
+        out = load_jsonl(arg, image_root=image_dir)
+    elif kind == "mmsb" and arg:
+        out = load_mmsafetybench(arg, question_field=question_field, images=mmsb_images, image_root=image_dir,
+                                 tiny=tiny)
+    elif kind == "pope" and arg:
+        out = load_pope(arg, image_dir=image_dir)
+    elif kind == "chair" and arg:
+        out = load_chair_images(arg)
+    else:
+        raise ValueError(f"unknown dataset {spec!r}; use demo, jsonl:FILE, mmsb:ROOT, pope:FILE or chair:IMAGE_DIR")
+    return out[:limit] if limit else out

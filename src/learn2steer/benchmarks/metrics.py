@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 _WORD = re.compile(r"[a-z]+")
-_NEG = re.compile(r"\b(?:no|not|isn't|aren't|cannot|can't|don't|doesn't|there is no|there are no|none)\b")
+_NEG = re.compile(r"\b(?:not|isn't|aren't|doesn't|don't|none|nothing)\b")
 
 
 def parse_yes_no(text: str | None) -> str | None:

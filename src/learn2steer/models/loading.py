@@ -85,6 +85,47 @@ def make_handle(model: nn.Module, tokenizer: Any, processor: Any = None, *, name
                        layers=layers, layers_path=path, name=name or getattr(model.config, "_name_or_path", ""))
 
 
+def image_only(processor_cls: type) -> type:
+    """The same processor class without its video sub-processor.
+
+    Video processors of Qwen2-VL-style models need torchvision, which has no CPU build on some machines;
+    learn2steer only feeds images, so the processor is rebuilt from its image processor and tokenizer.
+    """
+
+    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [a for a in super().get_attributes() if a not in ("video_processor", "audio_processor")]
+
+    ImageOnly.__name__ = processor_cls.__name__
+    return ImageOnly
+
+
+def _load_processor(path: Path, config: Any, kw: dict[str, Any]) -> Any:
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(path, **kw)
+    except (OSError, ImportError, ValueError) as first:
+        import transformers
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None:
+            raise first
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        template = getattr(tokenizer, "chat_template", None)
+        jinja = path / "chat_template.jinja"
+        if jinja.exists():
+            template = jinja.read_text()
+        try:
+            return image_only(cls)(AutoImageProcessor.from_pretrained(path, **kw), tokenizer, None,
+                                   chat_template=template)
+        except Exception:
+            raise first from None
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -103,8 +144,7 @@ def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto
     ``path`` must be a local folder: learn2steer never downloads weights. ``path="default"`` loads the
     embedded SmolLM2-135M-Instruct (see :func:`load_default_model`).
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if str(path) in ("default", DEFAULT_MODEL_NAME):
         return load_default_model(dtype=dtype, device=device)
@@ -129,7 +169,7 @@ def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto
     model.to(device)
     processor = None
     if multimodal:
-        processor = AutoProcessor.from_pretrained(p, **kw)
+        processor = _load_processor(p, config, kw)
         tokenizer = processor.tokenizer
     else:
         tokenizer = AutoTokenizer.from_pretrained(p, **kw)

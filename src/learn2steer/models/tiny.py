@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from learn2steer.models.loading import ModelHandle, make_handle
+from learn2steer.models.loading import ModelHandle, image_only, make_handle
 
 Arch = Literal["llama", "llava", "qwen2_vl"]
 
@@ -120,29 +120,9 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
         # A small pixel budget keeps the number of image tokens tiny but still image-size dependent.
         improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-        proc = _image_only(Qwen2VLProcessor)(improc, tok, chat_template=chat_template(arch))
+        proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=chat_template(arch))
         return make_handle(model, tok, proc, name="tiny-qwen2-vl")
     raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, llava or qwen2_vl")
-
-
-def _image_only(processor_cls: type) -> type:
-    """The same processor without its video sub-processor (which needs torchvision, absent on CPU here)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
-        @classmethod
-        def get_attributes(cls) -> list[str]:
-            return ["image_processor", "tokenizer"]
-
-        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> None:
-            self.image_token = "<|image_pad|>"
-            self.video_token = "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    ImageOnly.__name__ = processor_cls.__name__
-    return ImageOnly
 
 
 def _mrope_section(head_dim: int) -> list[int]:

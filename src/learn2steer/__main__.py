@@ -1,0 +1,5 @@
+"""``python -m learn2steer`` is the ``l2s`` command."""
+
+from learn2steer.cli import app
+
+app(prog_name="l2s")
