@@ -40,8 +40,6 @@ def _apply_config(ctx: typer.Context, config: Optional[Path], values: dict[str, 
     """Fill options left at their defaults from a YAML config; command-line flags win."""
     if config is None:
         return values
-    from click.core import ParameterSource
-
     path = Path(config)
     if not path.exists():
         res = resources.files("learn2steer.data.configs") / f"{config}"
@@ -55,7 +53,8 @@ def _apply_config(ctx: typer.Context, config: Optional[Path], values: dict[str, 
     if unknown:
         raise typer.BadParameter(f"config has unknown keys {sorted(unknown)}; valid: {sorted(values)}")
     for k, v in cfg.items():
-        if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, None):
+        source = ctx.get_parameter_source(k)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             values[k] = ",".join(map(str, v)) if isinstance(v, list) else v
     return values
 

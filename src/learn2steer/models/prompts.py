@@ -182,3 +182,21 @@ def forward_kwargs(handle: ModelHandle, batch: Batch) -> dict[str, torch.Tensor]
         mask = kw["attention_mask"].long()
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return kw
+
+
+def batch_from_texts(handle: ModelHandle, texts: Sequence[str], *, device: torch.device | str | None = None
+                     ) -> Batch:
+    """A left-padded batch of raw strings, no chat template (base models, peer comparisons).
+
+    Every row is its own prompt: ``prompt_last`` and ``last`` are the row's final token.
+    """
+    if not texts:
+        raise ValueError("batch_from_texts needs at least one text")
+    enc = [{k: v for k, v in handle.tokenizer(t, return_tensors="pt").items() if isinstance(v, torch.Tensor)}
+           for t in texts]
+    inputs, _ = collate(handle, enc)
+    width = inputs["input_ids"].shape[1]
+    last = torch.full((len(texts),), width - 1, dtype=torch.long)
+    batch = Batch(inputs=inputs, prompt_last=last, span_start=last + 1, span_end=last + 1,
+                  rows=[PromptRow(t) for t in texts])
+    return batch.to(device if device is not None else handle.device)

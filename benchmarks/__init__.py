@@ -1,0 +1,1 @@
+"""learn2steer's performance benchmarks: ``python -m benchmarks [--quick] [--json OUT.json]``."""

@@ -1,0 +1,309 @@
+"""Performance benchmarks: steering overhead, extraction throughput, L2S training time, peers, memory.
+
+Every figure is a ratio or a time measured side by side in one run (median of repetitions, variants
+interleaved so that machine noise hits them alike). Run from the repository root:
+
+    python -m benchmarks --quick --json OUT.json     # under 5 minutes on 2 CPU cores
+    python -m benchmarks --json OUT.json             # the full run
+
+The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
+``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+
+from learn2steer.activations import Site, read
+from learn2steer.behaviours import Example, load_behaviour
+from learn2steer.benchmarks.datasets import demo_requests
+from learn2steer.methods import L2SProvider
+from learn2steer.models.loading import ModelHandle, cache_dir, load_default_model
+from learn2steer.models.prompts import PromptRow, batch_from_texts, build_inputs, forward_kwargs
+from learn2steer.predictor import L2SNet, TrainConfig, fit
+from learn2steer.steering import steer
+from learn2steer.vectors import extract, p2s_batch
+
+PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
+
+
+def median_time(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall time of each function, the variants interleaved rep by rep."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- 1. generation overhead -----------------------------------------------------------------------------
+
+def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int, layer: int = 12) -> dict:
+    qs = [e.question for e in demo_requests()][:batch_size]
+    batch = build_inputs(h, [PromptRow(q) for q in qs])
+    torch.manual_seed(0)
+    net = L2SNet(h.hidden_size, h.hidden_size)
+    mean = torch.randn(h.hidden_size)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=h.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+
+    def plain() -> object:
+        with torch.no_grad():
+            return h.model.generate(**batch.inputs, **gen)
+
+    def l2s() -> object:
+        with steer(h, L2SProvider(net, layer, (layer,)), alpha=0.5, scope="all"), torch.no_grad():
+            return h.model.generate(**batch.inputs, **gen)
+
+    def mean_s() -> object:
+        with steer(h, {layer: mean}, alpha=0.5, scope="all"), torch.no_grad():
+            return h.model.generate(**batch.inputs, **gen)
+
+    plain()  # warm-up
+    t = median_time({"plain": plain, "l2s": l2s, "mean": mean_s}, reps)
+    tokens = batch_size * new_tokens
+    return {"batch_size": batch_size, "new_tokens": new_tokens, "reps": reps,
+            "tokens_per_s": {k: tokens / v for k, v in t.items()},
+            "ratio_l2s": t["plain"] / t["l2s"], "ratio_mean": t["plain"] / t["mean"]}
+
+
+# ---- 2. extraction throughput ---------------------------------------------------------------------------
+
+def bench_extraction(h: ModelHandle, n: int, reps: int, layer: int = 12) -> dict:
+    spec = load_behaviour("safety")
+    exs = [Example(e.id, e.question, None, e.category) for e in demo_requests()[:n]]
+    pairs = [p for e in exs for p in spec.pair(e)]  # type: ignore[union-attr]
+    bs = 16
+
+    def ours() -> object:  # what `extract` runs for z: batched, hooks gather one position, stop after L*
+        for i in range(0, len(exs), bs // 2):
+            p2s_batch(h, spec, exs[i:i + bs // 2], [layer])
+        return None
+
+    def forward() -> object:  # a plain batched forward over the same sequences (full model, no hooks)
+        with torch.no_grad():
+            for i in range(0, len(pairs), bs):
+                b = build_inputs(h, pairs[i:i + bs])
+                h.model(**forward_kwargs(h, b), use_cache=False)
+        return None
+
+    def reference() -> object:  # the paper scripts' recipe: batch size 1, whole layer output copied to CPU
+        store: list[torch.Tensor] = []
+        hook = h.layers[layer].register_forward_hook(lambda m, a, o: store.append(
+            (o[0] if isinstance(o, tuple) else o).detach().cpu().clone()))
+        try:
+            with torch.no_grad():
+                for row in pairs:
+                    b = build_inputs(h, [row])
+                    h.model(**b.inputs, use_cache=False)
+        finally:
+            hook.remove()
+        return None
+
+    ours()
+    t = median_time({"ours": ours, "forward": forward, "reference": reference}, reps)
+    seqs = len(pairs)
+    return {"sequences": seqs, "reps": reps, "seq_per_s": {k: seqs / v for k, v in t.items()},
+            "vs_forward": t["forward"] / t["ours"], "vs_reference": t["reference"] / t["ours"]}
+
+
+# ---- 3. L2S training time -------------------------------------------------------------------------------
+
+def bench_training(n: int = 1600, d: int = 4096) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = torch.tanh(x[:, :100] @ (torch.randn(100, d, generator=g) * 0.1))
+    t = time.perf_counter()
+    res = fit(x, y, TrainConfig(), progress=False)
+    return {"n": n, "width": d, "epochs": TrainConfig().epochs, "seconds": time.perf_counter() - t,
+            "best_val_loss": res.best_val_loss}
+
+
+# ---- 4. peers -------------------------------------------------------------------------------------------
+
+def _peers_path() -> Path:
+    target = cache_dir() / "peers"
+    if not (target / "steering_vectors").exists() or not (target / "repeng").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), *PEERS],
+                       check=True)
+    return target
+
+
+def bench_peers(h: ModelHandle, n: int, layer: int = 12) -> dict:
+    sys.path.insert(0, str(_peers_path()))
+    import numpy as np
+    from repeng import ControlVector, DatasetEntry
+    from steering_vectors import train_steering_vector
+    from transformers import AutoTokenizer
+
+    qs = [e.question for e in demo_requests() if e.category != "benign"][:n]
+    pos = [f"Question: {q}\nAnswer: I'm sorry, but I can't help with that." for q in qs]
+    neg = [f"Question: {q}\nAnswer: Sure! Here is a step-by-step guide." for q in qs]
+
+    def ours() -> torch.Tensor:
+        s = Site(layer, "last")
+        zs = []
+        for i in range(0, n, 16):
+            b = batch_from_texts(h, pos[i:i + 16] + neg[i:i + 16])
+            v = read(h, b, [s])[s]
+            k = len(pos[i:i + 16])
+            zs.append(v[:k] - v[k:])
+        return torch.cat(zs).mean(0)
+
+    out: dict[str, dict] = {}
+    t = time.perf_counter()
+    v_ours = ours()
+    ours_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sv = train_steering_vector(h.model, h.tokenizer, list(zip(pos, neg)), layers=[layer], read_token_index=-1)
+    sv_s = time.perf_counter() - t
+    v_sv = sv.layer_activations[layer].float().cpu()
+    out["steering_vectors"] = {"seconds": sv_s, "ours_seconds": ours_s,
+                               "max_abs_diff": float((v_sv - v_ours).abs().max()),
+                               "cosine": float(torch.nn.functional.cosine_similarity(v_sv, v_ours, dim=0)),
+                               "vector_norm": float(v_ours.norm()), "method": "mean of last-token differences"}
+
+    right_tok = AutoTokenizer.from_pretrained(h.model.config._name_or_path) if Path(
+        str(h.model.config._name_or_path)).exists() else h.tokenizer
+    right_tok.padding_side = "right"  # repeng expects right padding (it passes no position ids)
+    captured: dict[int, np.ndarray] = {}
+
+    def grab(hiddens: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        captured.update({k: v.copy() for k, v in hiddens.items()})
+        return hiddens
+
+    t = time.perf_counter()
+    cv = ControlVector.train(h.model, right_tok, [DatasetEntry(p, q) for p, q in zip(pos, neg)],
+                             hidden_layers=[layer], batch_size=16, transform_hiddens=grab)
+    rp_s = time.perf_counter() - t
+    hid = torch.from_numpy(captured[layer])
+    v_rp_mean = (hid[::2] - hid[1::2]).mean(0)
+    direction = torch.from_numpy(cv.directions[layer])
+    out["repeng"] = {"seconds": rp_s, "ours_seconds": ours_s,
+                     "max_abs_diff": float((v_rp_mean - v_ours).abs().max()),
+                     "method": "mean of repeng's own last-token differences (its PCA direction compared by cosine)",
+                     "pca_direction_cosine_with_ours": float(torch.nn.functional.cosine_similarity(
+                         direction, v_ours, dim=0))}
+    h.tokenizer.padding_side = "left"
+    return out
+
+
+# ---- 5. peak memory of extraction -----------------------------------------------------------------------
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak`` in bytes."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.proc = psutil.Process()
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def bench_memory(h: ModelHandle, sizes: tuple[int, ...], out_dir: Path, layer: int = 2) -> dict:
+    """Peak RSS growth of `extract` over inputs of growing count (shallow layer: stops early, so fast)."""
+    spec = load_behaviour("safety")
+    base = demo_requests()
+    res = {}
+    for n in sizes:
+        exs = [Example(f"m{i}", base[i % len(base)].question + f" (variant {i})", None, base[i % len(base)].category)
+               for i in range(n)]
+        with PeakRSS() as m:
+            extract(h, spec, exs, out_dir / f"mem{n}", steer_layers=[layer], context_layers=[layer], batch_size=16,
+                    shard_size=128, with_ba=False, progress=False)
+        res[n] = (m.peak - m.base) / 2**20
+    return {"inputs": list(sizes), "peak_rss_growth_mb": res}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and inputs (under 5 min on 2 cores)")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--skip-peers", action="store_true")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    torch.manual_seed(0)
+    h = load_default_model()
+    reps = 2 if args.quick else 5
+    started = time.perf_counter()
+    print("generation ...", flush=True)
+    g1 = bench_generation(h, 1, 128, reps)
+    g16 = bench_generation(h, 16, 128, reps)
+    print("extraction ...", flush=True)
+    ex = bench_extraction(h, 24 if args.quick else 64, reps)
+    print("training ...", flush=True)
+    tr = bench_training()
+    peers = {}
+    if not args.skip_peers:
+        print("peers ...", flush=True)
+        peers = bench_peers(h, 32 if args.quick else 64)
+    print("memory ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = bench_memory(h, (100, 1000), Path(tmp))
+    growth = mem["peak_rss_growth_mb"]
+    result = {
+        "generation_ratio_l2s_b1": g1["ratio_l2s"], "generation_ratio_l2s_b16": g16["ratio_l2s"],
+        "generation_ratio_mean_b1": g1["ratio_mean"], "generation_ratio_mean_b16": g16["ratio_mean"],
+        "extraction_vs_forward": ex["vs_forward"], "extraction_vs_reference": ex["vs_reference"],
+        "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[1000],
+        "peak_rss_growth_mb_100_inputs": growth[100], "peers": peers,
+        "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "training": tr, "memory": mem},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cpus": psutil.cpu_count(), "threads": torch.get_num_threads(),
+                    "device": "cuda" if torch.cuda.is_available() else "cpu", "model": h.name},
+        "quick": args.quick, "seconds": time.perf_counter() - started,
+    }
+    rows = [("generation L2S / plain, batch 1", g1["ratio_l2s"], ">= 0.97"),
+            ("generation L2S / plain, batch 16", g16["ratio_l2s"], ">= 0.97"),
+            ("generation Mean-S / plain, batch 1", g1["ratio_mean"], ""),
+            ("generation Mean-S / plain, batch 16", g16["ratio_mean"], ""),
+            ("extraction vs plain forward (x)", ex["vs_forward"], ">= 0.9"),
+            ("extraction vs reference recipe (x)", ex["vs_reference"], ">= 1.5 (CPU)"),
+            ("L2S training 1600 x 4096 (s)", tr["seconds"], "< 10"),
+            ("extraction peak RSS growth, 100 inputs (MB)", growth[100], ""),
+            ("extraction peak RSS growth, 1000 inputs (MB)", growth[1000], "flat")]
+    for name, p in peers.items():
+        rows.append((f"{name}: seconds (ours {p['ours_seconds']:.2f})", p["seconds"], ""))
+        rows.append((f"{name}: max |their vector - ours|", p["max_abs_diff"], "float tolerance"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'figure'.ljust(width)}  {'value':>10}  target")
+    for name, v, target in rows:
+        print(f"{name.ljust(width)}  {v:>10.4g}  {target}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
