@@ -39,15 +39,21 @@ from learn2steer.vectors import extract, p2s_batch
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
 
 
-def median_time(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall time of each function, the variants interleaved rep by rep."""
+def timings(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Wall times of each function per repetition; variants interleaved, their order rotated every repetition."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], base: str, other: str) -> float:
+    """Median over repetitions of base/other time, each pair taken back to back (cancels slow drift)."""
+    return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
 # ---- 1. generation overhead -----------------------------------------------------------------------------
@@ -74,11 +80,11 @@ def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int
             return h.model.generate(**batch.inputs, **gen)
 
     plain()  # warm-up
-    t = median_time({"plain": plain, "l2s": l2s, "mean": mean_s}, reps)
+    t = timings({"plain": plain, "l2s": l2s, "mean": mean_s}, reps)
     tokens = batch_size * new_tokens
-    return {"batch_size": batch_size, "new_tokens": new_tokens, "reps": reps,
-            "tokens_per_s": {k: tokens / v for k, v in t.items()},
-            "ratio_l2s": t["plain"] / t["l2s"], "ratio_mean": t["plain"] / t["mean"]}
+    return {"batch_size": batch_size, "new_tokens": new_tokens, "reps": reps, "seconds": t,
+            "tokens_per_s": {k: tokens / statistics.median(v) for k, v in t.items()},
+            "ratio_l2s": ratio(t, "plain", "l2s"), "ratio_mean": ratio(t, "plain", "mean")}
 
 
 # ---- 2. extraction throughput ---------------------------------------------------------------------------
@@ -115,22 +121,27 @@ def bench_extraction(h: ModelHandle, n: int, reps: int, layer: int = 12) -> dict
         return None
 
     ours()
-    t = median_time({"ours": ours, "forward": forward, "reference": reference}, reps)
+    t = timings({"ours": ours, "forward": forward, "reference": reference}, reps)
     seqs = len(pairs)
-    return {"sequences": seqs, "reps": reps, "seq_per_s": {k: seqs / v for k, v in t.items()},
-            "vs_forward": t["forward"] / t["ours"], "vs_reference": t["reference"] / t["ours"]}
+    return {"sequences": seqs, "reps": reps, "seconds": t,
+            "seq_per_s": {k: seqs / statistics.median(v) for k, v in t.items()},
+            "vs_forward": ratio(t, "forward", "ours"), "vs_reference": ratio(t, "reference", "ours")}
 
 
 # ---- 3. L2S training time -------------------------------------------------------------------------------
 
 def bench_training(n: int = 1600, d: int = 4096) -> dict:
+    """Default settings (K=100, 100 epochs, batch 64), timed from a cold start, plus batch 128 for contrast."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     y = torch.tanh(x[:, :100] @ (torch.randn(100, d, generator=g) * 0.1))
-    t = time.perf_counter()
-    res = fit(x, y, TrainConfig(), progress=False)
-    return {"n": n, "width": d, "epochs": TrainConfig().epochs, "seconds": time.perf_counter() - t,
-            "best_val_loss": res.best_val_loss}
+    out: dict = {"n": n, "width": d, "epochs": TrainConfig().epochs}
+    for bs in (TrainConfig().batch_size, 128):
+        t = time.perf_counter()
+        res = fit(x, y, TrainConfig(batch_size=bs), progress=False)
+        out[f"batch_{bs}"] = {"seconds": time.perf_counter() - t, "best_val_loss": res.best_val_loss}
+    out["seconds"] = out[f"batch_{TrainConfig().batch_size}"]["seconds"]
+    return out
 
 
 # ---- 4. peers -------------------------------------------------------------------------------------------
@@ -146,6 +157,9 @@ def _peers_path() -> Path:
 def bench_peers(h: ModelHandle, n: int, layer: int = 12) -> dict:
     sys.path.insert(0, str(_peers_path()))
     import numpy as np
+
+    if not hasattr(np, "float_"):  # repeng 0.4.0 annotates with np.float_, removed in NumPy 2
+        np.float_ = np.float64  # type: ignore[attr-defined]
     from repeng import ControlVector, DatasetEntry
     from steering_vectors import train_steering_vector
     from transformers import AutoTokenizer
@@ -230,7 +244,10 @@ class PeakRSS:
 
 
 def bench_memory(h: ModelHandle, sizes: tuple[int, ...], out_dir: Path, layer: int = 2) -> dict:
-    """Peak RSS growth of `extract` over inputs of growing count (shallow layer: stops early, so fast)."""
+    """Peak RSS growth of the `extract` loop over inputs of growing count (shallow layer: stops early, so fast).
+
+    The loop streams shards to disk; loading the finished result (N x D floats) is left out on purpose.
+    """
     spec = load_behaviour("safety")
     base = demo_requests()
     res = {}
@@ -239,7 +256,7 @@ def bench_memory(h: ModelHandle, sizes: tuple[int, ...], out_dir: Path, layer: i
                for i in range(n)]
         with PeakRSS() as m:
             extract(h, spec, exs, out_dir / f"mem{n}", steer_layers=[layer], context_layers=[layer], batch_size=16,
-                    shard_size=128, with_ba=False, progress=False)
+                    shard_size=128, with_ba=False, progress=False, load=False)
         res[n] = (m.peak - m.base) / 2**20
     return {"inputs": list(sizes), "peak_rss_growth_mb": res}
 
@@ -256,20 +273,23 @@ def main(argv: list[str] | None = None) -> dict:
     h = load_default_model()
     reps = 2 if args.quick else 5
     started = time.perf_counter()
-    print("generation ...", flush=True)
-    g1 = bench_generation(h, 1, 128, reps)
-    g16 = bench_generation(h, 16, 128, reps)
-    print("extraction ...", flush=True)
-    ex = bench_extraction(h, 24 if args.quick else 64, reps)
-    print("training ...", flush=True)
-    tr = bench_training()
-    peers = {}
+    def stage(name: str, fn: Callable[[], object]) -> object:
+        t = time.perf_counter()
+        print(f"{name} ...", end=" ", flush=True)
+        res = fn()
+        print(f"{time.perf_counter() - t:.0f} s", flush=True)
+        return res
+
+    g1: dict = stage("generation, batch 1", lambda: bench_generation(h, 1, 128, reps))  # type: ignore[assignment]
+    g16: dict = stage("generation, batch 16", lambda: bench_generation(h, 16, 128, reps))  # type: ignore[assignment]
+    ex: dict = stage("extraction", lambda: bench_extraction(h, 16 if args.quick else 64, reps))  # type: ignore[assignment]
+    tr: dict = stage("training", bench_training)  # type: ignore[assignment]
+    peers: dict = {}
     if not args.skip_peers:
-        print("peers ...", flush=True)
-        peers = bench_peers(h, 32 if args.quick else 64)
-    print("memory ...", flush=True)
+        peers = stage("peers", lambda: bench_peers(h, 32 if args.quick else 64))  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
-        mem = bench_memory(h, (100, 1000), Path(tmp))
+        sizes = (100, 1000) if args.quick else (100, 1000, 3000)
+        mem: dict = stage("memory", lambda: bench_memory(h, sizes, Path(tmp)))  # type: ignore[assignment]
     growth = mem["peak_rss_growth_mb"]
     result = {
         "generation_ratio_l2s_b1": g1["ratio_l2s"], "generation_ratio_l2s_b16": g16["ratio_l2s"],
@@ -289,9 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
             ("generation Mean-S / plain, batch 16", g16["ratio_mean"], ""),
             ("extraction vs plain forward (x)", ex["vs_forward"], ">= 0.9"),
             ("extraction vs reference recipe (x)", ex["vs_reference"], ">= 1.5 (CPU)"),
-            ("L2S training 1600 x 4096 (s)", tr["seconds"], "< 10"),
+            ("L2S training 1600 x 4096, batch 64 = default (s)", tr["seconds"], "< 10"),
+            ("L2S training 1600 x 4096, batch 128 (s)", tr["batch_128"]["seconds"], ""),
             ("extraction peak RSS growth, 100 inputs (MB)", growth[100], ""),
-            ("extraction peak RSS growth, 1000 inputs (MB)", growth[1000], "flat")]
+            *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth) if n > 100]]
     for name, p in peers.items():
         rows.append((f"{name}: seconds (ours {p['ours_seconds']:.2f})", p["seconds"], ""))
         rows.append((f"{name}: max |their vector - ours|", p["max_abs_diff"], "float tolerance"))

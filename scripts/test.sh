@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+"${PYTHON:-python3}" -m ruff check src tests benchmarks
 exec "${PYTHON:-python3}" -m pytest -m "not slow" -q "$@"

@@ -5,18 +5,27 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from conftest import data_path
 from typer.testing import CliRunner
 
 from learn2steer.behaviours import Example
-from learn2steer.benchmarks.datasets import (demo_requests, load_jsonl, load_mmsafetybench, load_pope,
-                                             stratified_split)
+from learn2steer.benchmarks.datasets import (
+    demo_requests,
+    load_jsonl,
+    load_mmsafetybench,
+    load_pope,
+    stratified_split,
+)
 from learn2steer.benchmarks.judges import HTTPJudge, KeywordJudge, is_deferral, is_refusal, make_judge
-from learn2steer.benchmarks.metrics import (ChairEvaluator, parse_yes_no, pope_accuracy_first15, pope_metrics,
-                                            unsafe_score)
+from learn2steer.benchmarks.metrics import (
+    ChairEvaluator,
+    parse_yes_no,
+    pope_accuracy_first15,
+    pope_metrics,
+    unsafe_score,
+)
 from learn2steer.benchmarks.scoring import score_safety
 from learn2steer.cli import app
-
-from conftest import data_path
 
 
 def test_pope_metrics_hand_computed() -> None:
@@ -170,8 +179,8 @@ def test_llamaguard_judge_from_local_path(tmp_path) -> None:
 
 def test_score_pope_cli_counts_missing_and_unparsed(tmp_path) -> None:
     q = tmp_path / "q.json"
-    q.write_text("\n".join(json.dumps({"question_id": i, "image": "x.jpg", "text": "t", "label": l})
-                           for i, l in enumerate(["yes", "no", "yes", "no"])))
+    q.write_text("\n".join(json.dumps({"question_id": i, "image": "x.jpg", "text": "t", "label": lab})
+                           for i, lab in enumerate(["yes", "no", "yes", "no"])))
     a = tmp_path / "a.jsonl"
     a.write_text('{"question_id": 0, "text": "Yes"}\n{"question_id": 1, "answer": "No"}\n'
                  '{"question_id": 2, "text": "banana"}\nnot json\n')

@@ -76,6 +76,7 @@ def test_shipped_paper_configs_parse() -> None:
     from importlib import resources
 
     import yaml
+
     from learn2steer.evaluation import EvalConfig
 
     for name in ("llava15_7b_safety", "qwen2vl_7b_safety", "llava15_7b_pope", "qwen2vl_7b_pope"):

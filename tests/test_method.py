@@ -54,7 +54,8 @@ def test_p2s_completion_mean_for_hallucination(tiny_llava, coco_images, tmp_path
     pos, neg = spec.pair(exs[1])
     assert pos.completion == "No, the image" and neg.completion == "Yes, the image"
     s = Site(1, "completion_mean")
-    want = read(tiny_llava, build_inputs(tiny_llava, [pos]), [s])[s] - read(tiny_llava, build_inputs(tiny_llava, [neg]), [s])[s]
+    want = (read(tiny_llava, build_inputs(tiny_llava, [pos]), [s])[s]
+            - read(tiny_llava, build_inputs(tiny_llava, [neg]), [s])[s])
     torch.testing.assert_close(ex.z[1][1], want[0], atol=1e-5, rtol=1e-4)
 
 
@@ -118,7 +119,8 @@ def test_predictor_fits_a_linear_map() -> None:
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ex")
-    ex = extract(tiny_llama, load_behaviour("safety"), _examples(16), tmp, steer_layers=[1, 2], context_layers=[1, 2, 3],
+    ex = extract(tiny_llama, load_behaviour("safety"), _examples(16), tmp, steer_layers=[1, 2],
+                 context_layers=[1, 2, 3],
                  progress=False)
     return ex
 
@@ -137,6 +139,7 @@ def test_save_load_roundtrip_gives_identical_generations(tiny_llama, trained, tm
         assert before == after and before != plain, name
     cfg = json.loads((tmp_path / "l2s" / "config.json").read_text())
     assert cfg["context_layer"] == 1 and cfg["steer_layers"] == [2] and cfg["hidden_size"] == 32
+    assert cfg["behaviour"]["spec"]["name"] == "safety" and cfg["version"] and cfg["training"]["epochs"] == 20
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
 
 

@@ -2,11 +2,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Idefics3Config,
-                          Idefics3ForConditionalGeneration, LlamaConfig, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, MistralConfig, MistralForCausalLM, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM, GemmaConfig,
-                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel)
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from learn2steer.models.layouts import UnknownArchitectureError, find_layers
 from learn2steer.models.loading import make_handle

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import data_path
 
 from learn2steer.evaluation import EvalConfig, run_eval
 from learn2steer.methods import METHODS
-
-from conftest import data_path
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
@@ -38,6 +37,8 @@ def test_pope_pipeline_with_images(arch, request, tmp_path) -> None:
     split = json.loads((tmp_path / "split.json").read_text())
     assert len(split["train"]) == len(split["test"]) == 12
     assert (tmp_path / "artifacts" / "L1" / "l2s" / "predictor.safetensors").exists()
+    scores = (tmp_path / "cells" / "l2s__L1__a2" / "scores.jsonl").read_text().splitlines()
+    assert len(scores) == 12 and {"id", "label", "parsed"} <= set(json.loads(scores[0]))
     # resuming the finished run recomputes nothing and gives the same table
     calls.clear()
     again = run_eval(cfg, tmp_path, handle=handle, progress=False)

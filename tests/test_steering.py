@@ -119,7 +119,7 @@ def test_trace_exactly_which_positions_are_steered(any_tiny, coco_images, scope)
 
 def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
     h = tiny_llama
-    before = sum(len(l._forward_hooks) for l in h.layers) + len(h.model._forward_pre_hooks)
+    before = sum(len(b._forward_hooks) for b in h.layers) + len(h.model._forward_pre_hooks)
     with pytest.raises(RuntimeError, match="boom"):
         with steer(h, {1: torch.ones(h.hidden_size)}):
             raise RuntimeError("boom")
@@ -135,7 +135,7 @@ def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
                 h.model.generate(**batch.inputs, max_new_tokens=2)
     finally:
         bomb.remove()
-    after = sum(len(l._forward_hooks) for l in h.layers) + len(h.model._forward_pre_hooks)
+    after = sum(len(b._forward_hooks) for b in h.layers) + len(h.model._forward_pre_hooks)
     assert before == after
 
 

@@ -40,7 +40,7 @@ class SteeringArtifact:
     context_layer: int | None = None
     read_position: str = "last"
     alpha: float = 1.0
-    scope: str = "generated"
+    scope: str = "all"
     behaviour: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)

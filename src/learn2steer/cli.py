@@ -8,7 +8,6 @@ line win over the file. The paper's settings ship as configs: ``l2s configs`` li
 from __future__ import annotations
 
 import json
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -85,7 +84,8 @@ def extract(
     out: Path = typer.Option(..., help="Output folder (safetensors shards + index.json; re-run to resume)."),
     model: str = MODEL_OPT,
     dataset: str = DATASET_OPT,
-    behaviour: str = typer.Option("safety", help="Shipped behaviour (safety, safety_refusal, hallucination) or a YAML/JSON spec."),
+    behaviour: str = typer.Option(
+        "safety", help="Shipped behaviour (safety, safety_refusal, hallucination) or a YAML/JSON spec."),
     layers: str = typer.Option("10", help="Steering layers L* (comma-separated) where z = h(T+) - h(T-) is read."),
     context_layers: str = typer.Option("", help="Context layers L' for h_X (default: the steering layers)."),
     image_dir: Optional[str] = typer.Option(None, help="Image folder for POPE / JSONL / MM-SafetyBench images."),
@@ -275,7 +275,8 @@ def eval_(
     cfg = EvalConfig(model=v["model"], task=v["task"], dataset=v["dataset"], behaviour=v["behaviour"],
                      train_dataset=v["train_dataset"],
                      image_dir=v["image_dir"], mmsb_images=v["mmsb_images"], question_field=v["question_field"],
-                     tiny=v["tiny"], limit=v["limit"], methods=[m.strip() for m in v["methods"].split(",") if m.strip()],
+                     tiny=v["tiny"], limit=v["limit"],
+                     methods=[m.strip() for m in v["methods"].split(",") if m.strip()],
                      layers=_ints(v["layers"]), context_layer=v["context_layer"], alphas=_floats(v["alphas"]),
                      scope=v["scope"], test_fraction=v["test_fraction"], seed=v["seed"], epochs=v["epochs"],
                      judge=v["judge"], chair_gt=v["chair_gt"], chair_synonyms=v["chair_synonyms"],

@@ -42,7 +42,7 @@ class DemoConfig:
     val_fraction: float = 0.35
     max_new_tokens: int = 40
     gate: bool = True
-    batch_size: int = 16
+    batch_size: int = 32
     scope: str = "all"
     seed: int = 0
     quick: bool = False

@@ -62,7 +62,7 @@ class MethodConfig:
     method: str = "no_steering"
     alpha: float = 1.0
     steer_layers: Sequence[int] = ()
-    scope: Scope | str = Scope.GENERATED
+    scope: Scope | str = Scope.ALL
     fixed: torch.Tensor | None = None                       # mean / mean_ba
     per_example: Mapping[str, torch.Tensor] = field(default_factory=dict)  # p2s / norm_random: id -> [D]
     predictor: L2SNet | None = None                         # l2s

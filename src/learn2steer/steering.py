@@ -142,7 +142,7 @@ def _expand_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
 
 @contextmanager
 def steer(handle: ModelHandle, vectors: Mapping[int, torch.Tensor] | VectorProvider, *, alpha: float = 1.0,
-          scope: Scope | str = Scope.GENERATED, trace: list[TraceRecord] | None = None) -> Iterator[StepState]:
+          scope: Scope | str = Scope.ALL, trace: list[TraceRecord] | None = None) -> Iterator[StepState]:
     """Add ``alpha * v`` to the output of decoder block(s) while the context is open.
 
     ``vectors`` maps layer -> [D] (shared) or [B, D] (one per batch row), or is a :class:`VectorProvider`

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from typing import Sequence
 
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.predictor import TrainConfig, TrainResult, fit
@@ -18,7 +18,7 @@ def l2s_targets(ex: Extraction, layer: int, rescale_group: str | None) -> torch.
 
 
 def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg: TrainConfig | None = None,
-                    rescale_group: str | None = None, alpha: float = 1.0, scope: str = "generated",
+                    rescale_group: str | None = None, alpha: float = 1.0, scope: str = "all",
                     ids: Sequence[str] | None = None, progress: bool = True
                     ) -> tuple[dict[str, SteeringArtifact], TrainResult]:
     """Train L2S on (h at L', z at L*) and build the Mean-S / Mean-S(BA) vectors from the same inputs."""
@@ -33,7 +33,7 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
     meta = ex.meta
     common = dict(model=meta["model"], hidden_size=meta["hidden_size"], num_layers=meta["num_layers"],
                   steer_layers=[steer_layer], read_position=meta["read"], alpha=alpha, scope=scope)
-    spec = {"name": meta["behaviour"], "fingerprint": meta["behaviour_fingerprint"]}
+    spec = {"name": meta["behaviour"], "fingerprint": meta["behaviour_fingerprint"], "spec": ex.behaviour_spec}
     arts = {
         "l2s": SteeringArtifact(kind="l2s", method="l2s", context_layer=context_layer, predictor=result.net,
                                 behaviour=spec, training={**cfg.to_dict(), **result.summary(), "n": len(ex.ids),

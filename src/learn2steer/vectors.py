@@ -76,6 +76,7 @@ class Extraction:
     h: dict[int, torch.Tensor]       # context layer -> [N, D]
     z_ba: dict[int, torch.Tensor]    # steering layer -> [N, D] with the BA contrast for every input
     meta: dict
+    behaviour_spec: dict | None = None
 
     def select(self, ids: Sequence[str]) -> "Extraction":
         pos = {i: k for k, i in enumerate(self.ids)}
@@ -85,7 +86,7 @@ class Extraction:
         idx = torch.tensor([pos[i] for i in ids], dtype=torch.long)
         return Extraction(list(ids), [self.categories[i] for i in idx], [self.contrasts[i] for i in idx],
                           {k: v[idx] for k, v in self.z.items()}, {k: v[idx] for k, v in self.h.items()},
-                          {k: v[idx] for k, v in self.z_ba.items()}, self.meta)
+                          {k: v[idx] for k, v in self.z_ba.items()}, self.meta, self.behaviour_spec)
 
     def vectors_by_id(self, layer: int) -> dict[str, torch.Tensor]:
         return {i: self.z[layer][k] for k, i in enumerate(self.ids)}
@@ -94,10 +95,12 @@ class Extraction:
 def extract(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example], out_dir: str | Path, *,
             steer_layers: Sequence[int], context_layers: Sequence[int], batch_size: int = 8,
             shard_size: int = 256, with_ba: bool = True, progress: bool = True,
-            on_shard: Callable[[int], None] | None = None) -> Extraction:
+            on_shard: Callable[[int], None] | None = None, load: bool = True) -> Extraction | None:
     """Extract P2S vectors and context features for ``examples`` into ``out_dir`` (resumable).
 
-    Re-running with the same arguments skips finished shards; different settings in an existing folder
+    Memory stays flat in the number of examples: finished shards go to disk. ``load=False`` skips loading
+    the result back (then None is returned; use :func:`load_extraction` later). Re-running with the same
+    arguments skips finished shards; different settings in an existing folder
     are an error rather than a silent mix.
     """
     out = Path(out_dir)
@@ -131,15 +134,15 @@ def extract(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example
         for chunk in _chunks(groups[k], batch_size):
             z = p2s_batch(handle, spec, chunk, steer_layers)
             h = context_batch(handle, chunk, context_layers)
-            parts = {**{f"z/{l}": v for l, v in z.items()}, **{f"h/{l}": v for l, v in h.items()}}
+            parts = {**{f"z/{k}": v for k, v in z.items()}, **{f"h/{k}": v for k, v in h.items()}}
             if settings["with_ba"]:
                 need = [i for i, e in enumerate(chunk) if spec.contrast_name(e) != spec.ba]
-                zba = {l: v.clone() for l, v in z.items()}
+                zba = {k: v.clone() for k, v in z.items()}
                 if need:
                     extra = p2s_batch(handle, spec, [chunk[i] for i in need], steer_layers, contrast=spec.ba)
-                    for l in steer_layers:
-                        zba[l][need] = extra[l]
-                parts.update({f"z_ba/{l}": v for l, v in zba.items()})
+                    for layer in steer_layers:
+                        zba[layer][need] = extra[layer]
+                parts.update({f"z_ba/{k}": v for k, v in zba.items()})
             for key, v in parts.items():
                 tensors.setdefault(key, []).append(v)
             bar.update(len(chunk))
@@ -153,7 +156,7 @@ def extract(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example
         if on_shard is not None:
             on_shard(k)
     bar.close()
-    return load_extraction(out)
+    return load_extraction(out) if load else None
 
 
 def _fingerprint(ids: Sequence[str]) -> str:
@@ -184,7 +187,7 @@ def load_extraction(out_dir: str | Path) -> Extraction:
 
     ex = index["examples"]
     return Extraction([e["id"] for e in ex], [e["category"] for e in ex], [e["contrast"] for e in ex],
-                      group("z"), group("h"), group("z_ba"), index["settings"])
+                      group("z"), group("h"), group("z_ba"), index["settings"], index.get("behaviour_spec"))
 
 
 # ---- baselines: plain functions over extracted vectors ------------------------------------------------

@@ -36,10 +36,10 @@ def pope_metrics(labels: Sequence[str], answers: Sequence[str | None]) -> dict[s
     if len(labels) != len(answers):
         raise ValueError(f"{len(labels)} labels but {len(answers)} answers")
     preds = [parse_yes_no(a) for a in answers]
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(preds, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
-    fn = sum(p != "yes" and l == "yes" for p, l in zip(preds, labels))
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p != "yes" and y == "yes" for p, y in zip(preds, labels))
     n = len(labels)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -51,7 +51,7 @@ def pope_metrics(labels: Sequence[str], answers: Sequence[str | None]) -> dict[s
 
 def pope_accuracy_first15(labels: Sequence[str], answers: Sequence[str | None]) -> dict[str, float | int]:
     """The Learning-to-Steer paper's POPE variant: correct iff the ground-truth word is in the first 15 chars."""
-    ok = [bool(a) and l.lower() in a[:15].lower() for l, a in zip(labels, answers)]
+    ok = [bool(a) and y.lower() in a[:15].lower() for y, a in zip(labels, answers)]
     return {"accuracy_first15": sum(ok) / len(ok) if ok else 0.0, "n": len(ok)}
 
 
@@ -157,7 +157,8 @@ class ChairEvaluator:
         if missing_gt:
             raise KeyError(f"{len(missing_gt)} image ids have no CHAIR ground truth (e.g. {missing_gt[:3]}); "
                            "are they COCO 2014 ids?")
-        return {"chair_s": n_hall_caps / n_caps if n_caps else 0.0, "chair_i": n_hall / n_mentions if n_mentions else 0.0,
+        return {"chair_s": n_hall_caps / n_caps if n_caps else 0.0,
+                "chair_i": n_hall / n_mentions if n_mentions else 0.0,
                 "recall": n_gt_hit / n_gt if n_gt else 0.0, "n": n_caps, "empty": empty}
 
 

@@ -3,6 +3,7 @@
 Layout of ``out_dir``::
 
     cells/<method>__L<layer>__a<alpha>/generations.jsonl   one line per example, appended per batch
+    cells/<method>__L<layer>__a<alpha>/scores.jsonl        per-example judge scores / parsed answers
     cells/<method>__L<layer>__a<alpha>/metrics.json        written when the cell is complete
     results.json, table.md, plots/<metric>.png
 
@@ -22,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from learn2steer.behaviours import Example
+from learn2steer.benchmarks.scoring import PER_EXAMPLE
 from learn2steer.methods import MethodConfig, fingerprint, generate_with
 from learn2steer.models.loading import ModelHandle
 
@@ -86,7 +88,8 @@ def run_cell(handle: ModelHandle, cell: Cell, cfg: MethodConfig, examples: Seque
 
 
 def run_grid(handle: ModelHandle, examples: Sequence[Example], cells: Sequence[Cell],
-             configure: Callable[[Cell], MethodConfig], score: Callable[[Cell, list[str], Mapping[str, list[str]]], dict],
+             configure: Callable[[Cell], MethodConfig],
+             score: Callable[[Cell, list[str], Mapping[str, list[str]]], dict],
              out_dir: str | Path, *, batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True
              ) -> list[dict]:
     """Run every cell (no_steering first, so scorers can compare to it) and return one record per cell."""
@@ -99,7 +102,10 @@ def run_grid(handle: ModelHandle, examples: Sequence[Example], cells: Sequence[C
         resp = run_cell(handle, cell, configure(cell), examples, cdir, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, progress=progress)
         responses[cell.name] = resp
-        metrics = score(cell, resp, responses)
+        metrics = dict(score(cell, resp, responses))
+        per_example = metrics.pop(PER_EXAMPLE, None)
+        if per_example is not None:
+            (cdir / "scores.jsonl").write_text("".join(json.dumps(p) + "\n" for p in per_example))
         rec = {"method": cell.method, "layer": cell.layer, "alpha": cell.alpha, "cell": cell.name, "metrics": metrics}
         (cdir / "metrics.json").write_text(json.dumps(rec, indent=1))
         records.append(rec)

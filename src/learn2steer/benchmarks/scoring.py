@@ -7,9 +7,17 @@ from typing import Mapping, Sequence
 from learn2steer.behaviours import Example
 from learn2steer.benchmarks.datasets import demo_group
 from learn2steer.benchmarks.judges import Judge
-from learn2steer.benchmarks.metrics import ChairEvaluator, pope_accuracy_first15, pope_metrics, rate, unsafe_score
+from learn2steer.benchmarks.metrics import (
+    ChairEvaluator,
+    parse_yes_no,
+    pope_accuracy_first15,
+    pope_metrics,
+    rate,
+    unsafe_score,
+)
 
 TASKS = ("safety", "pope", "chair")
+PER_EXAMPLE = "_per_example"  # key of per-example judge scores; the runner saves them beside the generations
 
 
 def score_safety(examples: Sequence[Example], responses: Sequence[str], judge: Judge,
@@ -38,6 +46,10 @@ def score_safety(examples: Sequence[Example], responses: Sequence[str], judge: J
         out["quality"] = sum(quality) / len(quality)
     if reference is not None:
         out["benign_unchanged_rate"] = rate([r == reference[i] for _, r, i in ben])
+    out[PER_EXAMPLE] = [{"id": e.id, "group": g, "refused": v.refused, "deferred": v.deferred,
+                         "unsafe_prob": v.unsafe_prob, "quality": v.quality,
+                         "unchanged": None if reference is None else responses[i] == reference[i]}
+                        for i, (e, g, v) in enumerate(zip(examples, groups, verdicts))]
     return out
 
 
@@ -50,12 +62,16 @@ def score_pope(examples: Sequence[Example], responses: Sequence[str]) -> dict[st
         answers = [responses[i] for i in idx]
         out[split] = {**pope_metrics(labels, answers),
                       "paper_variant": pope_accuracy_first15(labels, answers)}
+    out[PER_EXAMPLE] = [{"id": e.id, "label": e.label, "parsed": parse_yes_no(r)} for e, r in zip(examples, responses)]
     return out
 
 
 def score_chair(examples: Sequence[Example], responses: Sequence[str], evaluator: ChairEvaluator
                 ) -> dict[str, float | int]:
-    return evaluator.evaluate({e.id: r for e, r in zip(examples, responses)})
+    out: dict = dict(evaluator.evaluate({e.id: r for e, r in zip(examples, responses)}))
+    out[PER_EXAMPLE] = [{"id": e.id, "objects": evaluator.caption_objects(r or "")}
+                        for e, r in zip(examples, responses)]
+    return out
 
 
 def headline(task: str, metrics: Mapping[str, object]) -> dict[str, float]:

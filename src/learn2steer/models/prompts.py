@@ -135,7 +135,8 @@ def encode_row(handle: ModelHandle, row: PromptRow, *, add_generation_prompt: bo
     return full, n_prompt, int(ids_f.shape[0])
 
 
-def collate(handle: ModelHandle, encoded: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+def collate(handle: ModelHandle, encoded: Sequence[dict[str, torch.Tensor]]
+            ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Left-pad token-aligned tensors; concatenate the rest (pixel values, image grids) along dim 0."""
     lengths = [int(e["input_ids"].shape[1]) for e in encoded]
     width = max(lengths)

@@ -37,7 +37,8 @@ def chat_template(arch: Arch) -> str:
     return (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + mark.replace("\n", "\\n").join(["{{ '", "' }}"]) +
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+        + mark.replace("\n", "\\n").join(["{{ '", "' }}"]) +
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
@@ -84,8 +85,13 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         model = LlamaForCausalLM(LlamaConfig(**text_kw)).to(dtype)
         return make_handle(model, tok, name="tiny-llama")
     if arch == "llava":
-        from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig,
-                                  LlavaForConditionalGeneration, LlavaProcessor)
+        from transformers import (
+            CLIPImageProcessorPil,
+            CLIPVisionConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
 
         image_token_id = tok.convert_tokens_to_ids("<image>")
         cfg = LlavaConfig(
@@ -102,8 +108,12 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
                               chat_template=chat_template(arch))
         return make_handle(model, tok, proc, name="tiny-llava")
     if arch == "qwen2_vl":
-        from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
-                                  Qwen2VLProcessor)
+        from transformers import (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen2VLImageProcessorPil,
+            Qwen2VLProcessor,
+        )
 
         head_dim = hidden_size // 4
         text_kw = {**text_kw, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
