@@ -233,9 +233,9 @@ def write_report(out: Path, results: dict, recs: list[dict], sel: list[dict], te
         vals = [results["methods"][m][rate_name] or 0.0 for m in methods]
         ax.bar([i + (k - 1.5) * width for i in range(len(methods))], vals, width, label=rate_name)
     ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
     ax.set_title(f"{results['model']} - held-out split ({results['split']['test']} requests)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
     fig.savefig(out / "rates.png", dpi=110)
     plt.close(fig)
