@@ -244,21 +244,28 @@ class PeakRSS:
 
 
 def bench_memory(h: ModelHandle, sizes: tuple[int, ...], out_dir: Path, layer: int = 2) -> dict:
-    """Peak RSS growth of the `extract` loop over inputs of growing count (shallow layer: stops early, so fast).
+    """Memory of the `extract` loop over inputs of growing count (shallow layer: stops early, so fast).
 
-    The loop streams shards to disk; loading the finished result (N x D floats) is left out on purpose.
+    Two figures per size: the peak RSS growth over the run (includes transient per-batch tensors, so it
+    jitters by tens of MB) and the drift of RSS sampled after each finished shard (first to last): a loop
+    that kept what it computed would drift by ~N x D floats. Loading the finished result back (N x D
+    floats, the point of the call) is left out on purpose.
     """
     spec = load_behaviour("safety")
     base = demo_requests()
-    res = {}
+    proc = psutil.Process()
+    peak, drift = {}, {}
     for n in sizes:
         exs = [Example(f"m{i}", base[i % len(base)].question + f" (variant {i})", None, base[i % len(base)].category)
                for i in range(n)]
+        after_shard: list[int] = []
         with PeakRSS() as m:
             extract(h, spec, exs, out_dir / f"mem{n}", steer_layers=[layer], context_layers=[layer], batch_size=16,
-                    shard_size=128, with_ba=False, progress=False, load=False)
-        res[n] = (m.peak - m.base) / 2**20
-    return {"inputs": list(sizes), "peak_rss_growth_mb": res}
+                    shard_size=100, with_ba=False, progress=False, load=False,
+                    on_shard=lambda _k, acc=after_shard: acc.append(proc.memory_info().rss))
+        peak[n] = (m.peak - m.base) / 2**20
+        drift[n] = (after_shard[-1] - after_shard[0]) / 2**20
+    return {"inputs": list(sizes), "peak_rss_growth_mb": peak, "rss_drift_first_to_last_shard_mb": drift}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         "generation_ratio_mean_b1": g1["ratio_mean"], "generation_ratio_mean_b16": g16["ratio_mean"],
         "extraction_vs_forward": ex["vs_forward"], "extraction_vs_reference": ex["vs_reference"],
         "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[1000],
-        "peak_rss_growth_mb_100_inputs": growth[100], "peers": peers,
+        "peak_rss_growth_mb_100_inputs": growth[100],
+        "rss_drift_mb": mem["rss_drift_first_to_last_shard_mb"], "peers": peers,
         "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "training": tr, "memory": mem},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpus": psutil.cpu_count(), "threads": torch.get_num_threads(),
@@ -312,7 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("L2S training 1600 x 4096, batch 64 = default (s)", tr["seconds"], "< 10"),
             ("L2S training 1600 x 4096, batch 128 (s)", tr["batch_128"]["seconds"], ""),
             ("extraction peak RSS growth, 100 inputs (MB)", growth[100], ""),
-            *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth) if n > 100]]
+            *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth) if n > 100],
+            *[(f"extraction RSS drift first->last shard, {n} inputs (MB)", d, "~0")
+              for n, d in sorted(mem["rss_drift_first_to_last_shard_mb"].items())]]
     for name, p in peers.items():
         rows.append((f"{name}: seconds (ours {p['ours_seconds']:.2f})", p["seconds"], ""))
         rows.append((f"{name}: max |their vector - ours|", p["max_abs_diff"], "float tolerance"))

@@ -43,3 +43,33 @@ def test_pope_pipeline_with_images(arch, request, tmp_path) -> None:
     calls.clear()
     again = run_eval(cfg, tmp_path, handle=handle, progress=False)
     assert again == table and not calls
+
+
+def test_chair_captioning_with_vectors_trained_on_pope(tiny_llava, tmp_path) -> None:
+    """CHAIR: steer captions with vectors learnt on POPE-style questions (p2s/norm_random need labels)."""
+    root = data_path("pope_style", "resized256")
+    images = data_path("coco", "codewithminer_resized")
+    cfg = EvalConfig(task="chair", dataset=f"chair:{images}",
+                     train_dataset=f"pope:{root / 'coco_pope_style_random.json'}", image_dir=str(images),
+                     behaviour="hallucination", limit=4, layers=[2], alphas=[1.0], epochs=3,
+                     methods=["no_steering", "mean", "l2s", "p2s"], max_new_tokens=6, batch_size=4,
+                     chair_gt=data_path("chair", "coco2014_chair_gt_objects.json.gz"),
+                     chair_synonyms=data_path("chair", "synonyms.txt"))
+    with pytest.warns(UserWarning, match="skipped for CHAIR"):
+        table = run_eval(cfg, tmp_path, handle=tiny_llava, progress=False)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["method"] for r in records) == ["l2s", "mean", "no_steering"]
+    assert all(r["metrics"]["n"] == 4 for r in records) and "chair_s" in table
+
+
+def test_safety_eval_on_mmsafetybench_text(tiny_llama, tmp_path) -> None:
+    cfg = EvalConfig(task="safety", dataset=f"mmsb:{data_path('mmsafetybench')}", tiny=True, behaviour="safety",
+                     limit=26, layers=[1], alphas=[1.0], epochs=3, max_new_tokens=4, batch_size=13)
+    table = run_eval(cfg, tmp_path, handle=tiny_llama, progress=False)
+    records = {r["method"]: r["metrics"] for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(records) == set(METHODS)
+    m = records["l2s"]
+    assert m["n"] == m["n_decline"] == 13 and m["n_benign"] == 0  # the first 26 tiny items: scenarios 01 and 02
+    assert 0.0 <= m["unsafe_score"] <= 1.0 and "unsafe_rate" in table
+    scores = (tmp_path / "cells" / "l2s__L1__a1" / "scores.jsonl").read_text().splitlines()
+    assert {"refused", "deferred", "unsafe_prob"} <= set(json.loads(scores[0]))

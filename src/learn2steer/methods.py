@@ -21,7 +21,7 @@ from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example
 from learn2steer.generation import generate
 from learn2steer.models.loading import ModelHandle
-from learn2steer.models.prompts import PromptRow, build_inputs
+from learn2steer.models.prompts import Batch, PromptRow, build_inputs
 from learn2steer.predictor import L2SNet
 from learn2steer.steering import Scope, StepState, steer
 
@@ -119,8 +119,11 @@ def _rows(cfg: MethodConfig, examples: Sequence[Example]) -> list[PromptRow]:
 
 
 def steering_context(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example],
-                     rows: Sequence[PromptRow] | None = None) -> AbstractContextManager:
-    """The steering context for one batch of ``examples`` under ``cfg`` (no-op for unsteered methods)."""
+                     batch: Batch | None = None) -> AbstractContextManager:
+    """The steering context for one batch of ``examples`` under ``cfg`` (no-op for unsteered methods).
+
+    ``batch`` is the encoded batch about to be generated (built here when omitted).
+    """
     layers = [handle.check_layer(x) for x in cfg.steer_layers]
     if cfg.method in ("no_steering", "prompt"):
         return nullcontext()
@@ -138,7 +141,8 @@ def steering_context(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[
     if ctx <= min(layers):
         return steer(handle, L2SProvider(cfg.predictor, ctx, tuple(layers)), alpha=cfg.alpha, scope=cfg.scope)
     # L' > L*: writing at L* would change what L' sees, so read h first in a pass that stops at L'
-    batch = build_inputs(handle, rows or _rows(cfg, examples))
+    if batch is None:
+        batch = build_inputs(handle, _rows(cfg, examples))
     h = read(handle, batch, [Site(ctx, "prompt_last")])[Site(ctx, "prompt_last")]
     with torch.no_grad():
         v = cfg.predictor(h)
@@ -152,8 +156,7 @@ def generate_with(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Exa
     for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
                   leave=False):
         chunk = examples[i:i + batch_size]
-        rows = _rows(cfg, chunk)
-        batch = build_inputs(handle, rows)
-        with steering_context(handle, cfg, chunk, rows):
+        batch = build_inputs(handle, _rows(cfg, chunk))
+        with steering_context(handle, cfg, chunk, batch):
             out.extend(generate(handle, batch, max_new_tokens=max_new_tokens, **gen_kwargs))  # type: ignore[arg-type]
     return out
