@@ -1,7 +1,11 @@
-"""Probe: per-call cost of the steering write and a plain/L2S/zero-vector generate side by side (batch 16, 48 tokens).
+"""Probe: plain / L2S / zero-vector generation side by side (batch 16, 48 tokens), and the cost of one write.
 
-Run from the repository root: python benchmarks/overhead_probe.py
+Run from the repository root: ``python benchmarks/overhead_probe.py``. Prints every repetition so that
+machine noise is visible next to the medians.
 """
+
+from __future__ import annotations
+
 import statistics
 import time
 
@@ -11,27 +15,47 @@ from learn2steer import PromptRow, build_inputs, load_default_model
 from learn2steer.benchmarks.datasets import demo_requests
 from learn2steer.methods import L2SProvider
 from learn2steer.predictor import L2SNet
-from learn2steer.steering import steer
+from learn2steer.steering import scope_mask, steer
 
-h=load_default_model()
-batch=build_inputs(h,[PromptRow(e.question) for e in demo_requests()[:16]])
-net=L2SNet(576,576); gen=dict(max_new_tokens=48,min_new_tokens=48,do_sample=False,pad_token_id=h.tokenizer.pad_token_id,temperature=None,top_p=None,top_k=None)
-def plain():
-    with torch.no_grad(): h.model.generate(**batch.inputs,**gen)
-def l2s():
-    with steer(h,L2SProvider(net,12,(12,)),alpha=0.5), torch.no_grad(): h.model.generate(**batch.inputs,**gen)
-def zero():
-    with steer(h,{12: torch.zeros(576)},alpha=0.5), torch.no_grad(): h.model.generate(**batch.inputs,**gen)
-plain()
-T={'plain':[], 'l2s':[], 'zero':[]}
-for r in range(6):
-    for k,f in ([('plain',plain),('l2s',l2s),('zero',zero)] if r%2==0 else [('zero',zero),('l2s',l2s),('plain',plain)]):
-        t=time.perf_counter(); f(); T[k].append(time.perf_counter()-t)
-for k,v in T.items(): print(k, [round(x,2) for x in v], 'median', round(statistics.median(v),3))
-# hook cost microbenchmark: one decode-size hidden
-from learn2steer.steering import scope_mask
 
-x=torch.randn(16,1,576); m=torch.ones(16,1,dtype=torch.bool); v=torch.randn(16,576)
-t=time.perf_counter()
-for _ in range(10000): torch.where(scope_mask('all', m, 100, 90).unsqueeze(-1), x+0.5*v.unsqueeze(-2), x)
-print('per-call us', (time.perf_counter()-t)/10000*1e6)
+def main() -> None:
+    h = load_default_model()
+    batch = build_inputs(h, [PromptRow(e.question) for e in demo_requests()[:16]])
+    net = L2SNet(h.hidden_size, h.hidden_size)
+    gen = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=h.tokenizer.pad_token_id,
+               temperature=None, top_p=None, top_k=None)
+
+    def plain() -> None:
+        with torch.no_grad():
+            h.model.generate(**batch.inputs, **gen)
+
+    def l2s() -> None:
+        with steer(h, L2SProvider(net, 12, (12,)), alpha=0.5), torch.no_grad():
+            h.model.generate(**batch.inputs, **gen)
+
+    def zero() -> None:
+        with steer(h, {12: torch.zeros(h.hidden_size)}, alpha=0.5), torch.no_grad():
+            h.model.generate(**batch.inputs, **gen)
+
+    plain()
+    variants = [("plain", plain), ("l2s", l2s), ("zero", zero)]
+    times: dict[str, list[float]] = {k: [] for k, _ in variants}
+    for r in range(6):
+        for k, fn in (variants if r % 2 == 0 else variants[::-1]):
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    for k, v in times.items():
+        print(k, [round(x, 2) for x in v], "median", round(statistics.median(v), 3))
+
+    x = torch.randn(16, 1, h.hidden_size)
+    mask = torch.ones(16, 1, dtype=torch.bool)
+    v = torch.randn(16, h.hidden_size)
+    t = time.perf_counter()
+    for _ in range(10000):
+        torch.where(scope_mask("all", mask, 100, 90).unsqueeze(-1), x + 0.5 * v.unsqueeze(-2), x)
+    print("one steering write (mask + where), microseconds:", (time.perf_counter() - t) / 10000 * 1e6)
+
+
+if __name__ == "__main__":
+    main()
