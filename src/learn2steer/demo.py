@@ -21,11 +21,11 @@ from learn2steer.benchmarks.datasets import by_ids, demo_group, demo_requests, s
 from learn2steer.benchmarks.judges import KeywordJudge
 from learn2steer.benchmarks.runner import Cell, markdown_table, run_grid
 from learn2steer.benchmarks.scoring import score_safety
-from learn2steer.methods import METHODS, MethodConfig
+from learn2steer.methods import METHODS, MethodConfig, config_for
 from learn2steer.models.loading import ModelHandle, load_default_model
 from learn2steer.predictor import TrainConfig, choose_gate
 from learn2steer.training import save_artifacts, train_artifacts
-from learn2steer.vectors import Extraction, extract, norm_random
+from learn2steer.vectors import Extraction, extract
 
 RATES = ("unsafe_rate", "expert_deferral_rate", "benign_answer_rate", "benign_unchanged_rate")
 
@@ -105,24 +105,14 @@ def run_demo(cfg: DemoConfig, handle: ModelHandle | None = None, *, progress: bo
     timings["extract"] = time.perf_counter() - t
 
     def configure(ex_part: Extraction, arts_by_layer: dict, cell: Cell) -> MethodConfig:
-        if cell.method in ("no_steering", "prompt"):
-            return MethodConfig(method=cell.method, prompt=spec.prompt)
-        layer = cell.layer
-        assert layer is not None
-        common = dict(method=cell.method, alpha=cell.alpha, steer_layers=[layer], scope=cfg.scope)
-        if cell.method in ("mean", "mean_ba"):
-            return MethodConfig(fixed=arts_by_layer[layer][cell.method].vectors[layer], **common)  # type: ignore[arg-type]
-        if cell.method in ("l2s", "l2s_nogate"):
-            a = arts_by_layer[layer]["l2s"]
-            net = a.predictor
-            if cell.method == "l2s_nogate":
-                net = copy.deepcopy(net)
-                net.gate.zero_()
-                common["method"] = "l2s"
-            return MethodConfig(predictor=net, context_layer=a.context_layer, **common)  # type: ignore[arg-type]
-        z = ex_part.z[layer]
-        vecs = z if cell.method == "p2s" else norm_random(z, seed=cfg.seed)
-        return MethodConfig(per_example={i: vecs[k] for k, i in enumerate(ex_part.ids)}, **common)  # type: ignore[arg-type]
+        method = "l2s" if cell.method == "l2s_nogate" else cell.method
+        mc = config_for(method, alpha=cell.alpha, layer=cell.layer, scope=cfg.scope,
+                        artifacts=arts_by_layer.get(cell.layer), extraction=ex_part, prompt=spec.prompt,
+                        seed=cfg.seed)
+        if cell.method == "l2s_nogate":  # the paper's L2S: the same net without the norm gate
+            mc.predictor = copy.deepcopy(mc.predictor)
+            mc.predictor.gate.zero_()  # type: ignore[union-attr]
+        return mc
 
     def scorer(exs: Sequence[Example]):  # noqa: ANN202
         def score(cell: Cell, resp: list[str], seen: dict[str, list[str]]) -> dict:

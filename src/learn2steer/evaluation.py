@@ -18,11 +18,11 @@ from learn2steer.benchmarks.judges import make_judge
 from learn2steer.benchmarks.metrics import ChairEvaluator
 from learn2steer.benchmarks.runner import Cell, grid, markdown_table, plot_vs_alpha, run_grid
 from learn2steer.benchmarks.scoring import TASKS, headline, score_chair, score_pope, score_safety
-from learn2steer.methods import METHODS, MethodConfig
+from learn2steer.methods import METHODS, MethodConfig, config_for
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.predictor import TrainConfig
 from learn2steer.training import save_artifacts, train_artifacts
-from learn2steer.vectors import extract, norm_random
+from learn2steer.vectors import extract
 
 PER_EXAMPLE = ("p2s", "norm_random")
 
@@ -115,20 +115,9 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, handle: ModelHandle | None = N
             ex_test = ex.select([e.id for e in test])
 
     def configure(cell: Cell) -> MethodConfig:
-        if cell.method in ("no_steering", "prompt"):
-            return MethodConfig(method=cell.method, prompt=spec.prompt)
-        layer = cell.layer
-        assert layer is not None
-        common = dict(method=cell.method, alpha=cell.alpha, steer_layers=[layer], scope=cfg.scope)
-        a = arts[layer]
-        if cell.method in ("mean", "mean_ba"):
-            return MethodConfig(fixed=a[cell.method].vectors[layer], **common)  # type: ignore[arg-type]
-        if cell.method == "l2s":
-            return MethodConfig(predictor=a["l2s"].predictor, context_layer=a["l2s"].context_layer, **common)  # type: ignore[arg-type]
-        assert ex_test is not None
-        z = ex_test.z[layer]
-        vecs = z if cell.method == "p2s" else norm_random(z, seed=cfg.seed)
-        return MethodConfig(per_example={i: vecs[k] for k, i in enumerate(ex_test.ids)}, **common)  # type: ignore[arg-type]
+        return config_for(cell.method, alpha=cell.alpha, layer=cell.layer, scope=cfg.scope,
+                          artifacts=arts.get(cell.layer) if cell.layer is not None else None, extraction=ex_test,
+                          prompt=spec.prompt, seed=cfg.seed)
 
     judge = make_judge(cfg.judge) if cfg.task == "safety" else None
     chair = (ChairEvaluator.from_files(cfg.chair_gt, cfg.chair_synonyms)  # type: ignore[arg-type]

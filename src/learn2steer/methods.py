@@ -24,6 +24,7 @@ from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch, PromptRow, build_inputs
 from learn2steer.predictor import L2SNet
 from learn2steer.steering import Scope, StepState, steer
+from learn2steer.vectors import Extraction, norm_random
 
 METHODS = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
 
@@ -92,6 +93,30 @@ class MethodConfig:
         if art.kind == "l2s":
             return cls(method="l2s", predictor=art.predictor, context_layer=art.context_layer, **common)
         return cls(method=art.method, fixed=art.vectors[art.steer_layers[0]], **common)
+
+
+def config_for(method: str, *, alpha: float = 1.0, layer: int | None = None, scope: Scope | str = Scope.ALL,
+               artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
+               prompt: str = "", seed: int = 0) -> MethodConfig:
+    """The MethodConfig of ``method`` from trained artifacts (mean, mean_ba, l2s) or, for the per-input
+    methods (p2s, norm_random), from an extraction of the inputs being answered."""
+    if method in ("no_steering", "prompt"):
+        return MethodConfig(method=method, prompt=prompt)
+    if layer is None:
+        raise ValueError(f"method {method!r} needs a steering layer")
+    common: dict = dict(method=method, alpha=alpha, steer_layers=[layer], scope=scope)
+    if method in ("mean", "mean_ba", "l2s"):
+        if not artifacts or method not in artifacts:
+            raise ValueError(f"method {method!r} needs its trained artifact (run `l2s train`)")
+        art = artifacts[method]
+        if method == "l2s":
+            return MethodConfig(predictor=art.predictor, context_layer=art.context_layer, **common)
+        return MethodConfig(fixed=art.vectors[layer], **common)
+    if extraction is None:
+        raise ValueError(f"method {method!r} needs P2S vectors of the inputs it answers (an extraction)")
+    z = extraction.z[layer]
+    vecs = z if method == "p2s" else norm_random(z, seed=seed)
+    return MethodConfig(per_example=dict(zip(extraction.ids, vecs)), **common)
 
 
 def fingerprint(cfg: MethodConfig) -> str:
