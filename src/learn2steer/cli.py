@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 import yaml
@@ -314,6 +314,21 @@ def configs() -> None:
             typer.echo(f"{p.name}: {first}")
 
 
+def _read_keyed_jsonl(path: Path, key: str, value: Callable[[dict], Any]) -> tuple[dict[str, Any], int]:
+    """{str(row[key]): value(row)} from JSON lines, plus the count of unreadable lines (reported, not fatal)."""
+    out: dict[str, Any] = {}
+    bad = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            out[str(r[key])] = value(r)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad += 1
+    return out, bad
+
+
 @score_app.command("pope")
 def score_pope(
     questions: Path = typer.Option(..., help="POPE questions (JSON lines with question_id, label)."),
@@ -331,16 +346,7 @@ def score_pope(
         if line.strip():
             r = json.loads(line)
             labels[str(r["question_id"])] = str(r["label"]).lower()
-    got: dict[str, str] = {}
-    bad_lines = 0
-    for line in answers.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            got[str(r["question_id"])] = r.get("text", r.get("answer"))
-        except (json.JSONDecodeError, KeyError):
-            bad_lines += 1
+    got, bad_lines = _read_keyed_jsonl(answers, "question_id", lambda r: r.get("text", r.get("answer")))
     ids = list(labels)
     answers_list = [got.get(i) for i in ids]
     m = pope_metrics([labels[i] for i in ids], answers_list)
@@ -370,16 +376,7 @@ def score_chair(
     from learn2steer.benchmarks.metrics import ChairEvaluator
 
     ev = ChairEvaluator.from_files(gt, synonyms)
-    caps: dict[str, str | None] = {}
-    bad_lines = 0
-    for line in captions.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            caps[str(r["image_id"])] = r.get("caption")
-        except (json.JSONDecodeError, KeyError):
-            bad_lines += 1
+    caps, bad_lines = _read_keyed_jsonl(captions, "image_id", lambda r: r.get("caption"))
     res = {**ev.evaluate(caps), "bad_lines": bad_lines}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
