@@ -104,8 +104,7 @@ class BehaviourSpec:
                 PromptRow(text, example.image, completion=c.negative.format(**fields)))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @property
     def fingerprint(self) -> str:

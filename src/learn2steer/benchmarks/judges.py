@@ -96,13 +96,11 @@ class LlamaGuardJudge:
         from learn2steer.models.loading import load_model
 
         self.handle = load_model(path, device=device, dtype=dtype)
-        tok = self.handle.tokenizer
         self.safe_id = self._first_id("safe")
         self.unsafe_id = self._first_id("unsafe")
         if self.safe_id == self.unsafe_id:
             raise ValueError(f"the tokenizer of {path} does not distinguish 'safe' from 'unsafe' in its first token")
         self.batch_size = batch_size
-        self.tok = tok
 
     def _first_id(self, word: str) -> int:
         ids = self.handle.tokenizer.encode(word, add_special_tokens=False)
@@ -113,21 +111,19 @@ class LlamaGuardJudge:
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         import torch
 
-        from learn2steer.models.prompts import collate
+        from learn2steer.models.prompts import Batch, collate, forward_kwargs
 
         out: list[Verdict] = []
         for i in range(0, len(prompts), self.batch_size):
             enc = []
             for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size]):
                 chat = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                d = self.tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt",
-                                                 add_generation_prompt=True)
+                d = self.handle.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                                             return_tensors="pt", add_generation_prompt=True)
                 enc.append({k: v for k, v in d.items() if isinstance(v, torch.Tensor)})
-            inputs, _ = collate(self.handle, enc)
-            inputs = {k: v.to(self.handle.device) for k, v in inputs.items()}
-            mask = inputs["attention_mask"].long()
+            batch = Batch.of_prompts(collate(self.handle, enc)[0]).to(self.handle.device)
             with torch.no_grad():
-                logits = self.handle.model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+                logits = self.handle.model(**forward_kwargs(self.handle, batch)).logits[:, -1]
             probs = logits.float().softmax(-1)
             for row in probs:
                 pu, ps = float(row[self.unsafe_id]), float(row[self.safe_id])

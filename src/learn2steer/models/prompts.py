@@ -61,6 +61,13 @@ class Batch:
     def last(self) -> torch.Tensor:
         return torch.full((self.size,), self.seq_len - 1, dtype=torch.long)
 
+    @classmethod
+    def of_prompts(cls, inputs: dict[str, torch.Tensor]) -> "Batch":
+        """A batch of already-collated inputs in which every row is a whole prompt (no completion)."""
+        last = torch.full((int(inputs["input_ids"].shape[0]),), int(inputs["input_ids"].shape[1]) - 1,
+                          dtype=torch.long)
+        return cls(inputs=inputs, prompt_last=last, span_start=last + 1, span_end=last + 1)
+
     def to(self, device: torch.device | str) -> "Batch":
         self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         return self
@@ -195,9 +202,6 @@ def batch_from_texts(handle: ModelHandle, texts: Sequence[str], *, device: torch
         raise ValueError("batch_from_texts needs at least one text")
     enc = [{k: v for k, v in handle.tokenizer(t, return_tensors="pt").items() if isinstance(v, torch.Tensor)}
            for t in texts]
-    inputs, _ = collate(handle, enc)
-    width = inputs["input_ids"].shape[1]
-    last = torch.full((len(texts),), width - 1, dtype=torch.long)
-    batch = Batch(inputs=inputs, prompt_last=last, span_start=last + 1, span_end=last + 1,
-                  rows=[PromptRow(t) for t in texts])
+    batch = Batch.of_prompts(collate(handle, enc)[0])
+    batch.rows = [PromptRow(t) for t in texts]
     return batch.to(device if device is not None else handle.device)
