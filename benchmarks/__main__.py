@@ -5,6 +5,8 @@ interleaved so that machine noise hits them alike). Run from the repository root
 
     python -m benchmarks --quick --json OUT.json     # under 5 minutes on 2 CPU cores
     python -m benchmarks --json OUT.json             # the full run
+    python -m benchmarks --smoke                     # seconds, tiny random model, one repetition (CI)
+    python -m benchmarks --engine vllm --quick --json OUT.json   # vLLM figures (the serving environment)
 
 The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
 ``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).
@@ -13,6 +15,7 @@ The peers (steering-vectors, repeng) are installed on first use with ``pip --no-
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -28,13 +31,12 @@ import torch
 
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import Example, load_behaviour
-from learn2steer.benchmarks.datasets import demo_requests
-from learn2steer.methods import L2SProvider
+from learn2steer.evaluation.datasets import demo_requests
 from learn2steer.models.loading import ModelHandle, cache_dir, load_default_model
 from learn2steer.models.prompts import PromptRow, batch_from_texts, build_inputs, forward_kwargs
 from learn2steer.predictor import L2SNet, TrainConfig, fit
-from learn2steer.steering import steer
-from learn2steer.vectors import extract, p2s_batch
+from learn2steer.steering import PredictedVectors, steer
+from learn2steer.vectors import SteeringVector, extract_to, p2s_batch
 
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
 
@@ -59,6 +61,7 @@ def ratio(times: dict[str, list[float]], base: str, other: str) -> float:
 # ---- 1. generation overhead -----------------------------------------------------------------------------
 
 def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int, layer: int = 12) -> dict:
+    """Greedy generation of ``batch_size`` demo prompts: plain, L2S (same pass) and Mean-S, interleaved."""
     qs = [e.question for e in demo_requests()][:batch_size]
     batch = build_inputs(h, [PromptRow(q) for q in qs])
     torch.manual_seed(0)
@@ -72,11 +75,11 @@ def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int
             return h.model.generate(**batch.inputs, **gen)
 
     def l2s() -> object:
-        with steer(h, L2SProvider(net, layer, (layer,)), alpha=0.5, scope="all"), torch.no_grad():
+        with steer(h, PredictedVectors(net, layer, (layer,)), alpha=0.5, scope="all", batch=batch), torch.no_grad():
             return h.model.generate(**batch.inputs, **gen)
 
     def mean_s() -> object:
-        with steer(h, {layer: mean}, alpha=0.5, scope="all"), torch.no_grad():
+        with steer(h, SteeringVector({layer: mean}), alpha=0.5, scope="all", batch=batch), torch.no_grad():
             return h.model.generate(**batch.inputs, **gen)
 
     plain()  # warm-up
@@ -90,9 +93,10 @@ def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int
 # ---- 2. extraction throughput ---------------------------------------------------------------------------
 
 def bench_extraction(h: ModelHandle, n: int, reps: int, layer: int = 12) -> dict:
+    """P2S extraction (batched, one position gathered, stops after L*) vs a plain forward and the paper's recipe."""
     spec = load_behaviour("safety")
     exs = [Example(e.id, e.question, None, e.category) for e in demo_requests()[:n]]
-    pairs = [p for e in exs for p in spec.pair(e)]  # type: ignore[union-attr]
+    pairs = [p for e in exs for p in (spec.pair(e) or ())]
     bs = 16
 
     def ours() -> object:  # what `extract` runs for z: batched, hooks gather one position, stop after L*
@@ -131,10 +135,11 @@ def bench_extraction(h: ModelHandle, n: int, reps: int, layer: int = 12) -> dict
 # ---- 3. L2S training time -------------------------------------------------------------------------------
 
 def bench_training(n: int = 1600, d: int = 4096) -> dict:
-    """Default settings (K=100, 100 epochs, batch 64), timed from a cold start, plus batch 128 for contrast."""
+    """Default (the paper's) settings (K=100, 100 epochs, batch 64), from a cold start, plus batch 128."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
-    y = torch.tanh(x[:, :100] @ (torch.randn(100, d, generator=g) * 0.1))
+    k = min(100, d)
+    y = torch.tanh(x[:, :k] @ (torch.randn(k, d, generator=g) * 0.1))
     out: dict = {"n": n, "width": d, "epochs": TrainConfig().epochs}
     for bs in (TrainConfig().batch_size, 128):
         t = time.perf_counter()
@@ -155,6 +160,7 @@ def _peers_path() -> Path:
 
 
 def bench_peers(h: ModelHandle, n: int, layer: int = 12) -> dict:
+    """The CAA vector against steering-vectors' and repeng's, on the same contrastive texts."""
     sys.path.insert(0, str(_peers_path()))
     import numpy as np
 
@@ -192,8 +198,8 @@ def bench_peers(h: ModelHandle, n: int, layer: int = 12) -> dict:
                                "cosine": float(torch.nn.functional.cosine_similarity(v_sv, v_ours, dim=0)),
                                "vector_norm": float(v_ours.norm()), "method": "mean of last-token differences"}
 
-    right_tok = AutoTokenizer.from_pretrained(h.model.config._name_or_path) if Path(
-        str(h.model.config._name_or_path)).exists() else h.tokenizer
+    name = str(getattr(h.model.config, "_name_or_path", "") or "")
+    right_tok = AutoTokenizer.from_pretrained(name) if name and Path(name).exists() else copy.deepcopy(h.tokenizer)
     right_tok.padding_side = "right"  # repeng expects right padding (it passes no position ids)
     captured: dict[int, np.ndarray] = {}
 
@@ -260,56 +266,73 @@ def bench_memory(h: ModelHandle, sizes: tuple[int, ...], out_dir: Path, layer: i
                for i in range(n)]
         after_shard: list[int] = []
         with PeakRSS() as m:
-            extract(h, spec, exs, out_dir / f"mem{n}", steer_layers=[layer], context_layers=[layer], batch_size=16,
-                    shard_size=100, with_ba=False, progress=False, load=False,
-                    on_shard=lambda _k, acc=after_shard: acc.append(proc.memory_info().rss))
+            extract_to(h, spec, exs, out_dir / f"mem{n}", steer_layers=[layer], context_layers=[layer], batch_size=16,
+                       shard_size=100, with_ba=False, progress=False,
+                       on_shard=lambda _k, acc=after_shard: acc.append(proc.memory_info().rss))
         peak[n] = (m.peak - m.base) / 2**20
         drift[n] = (after_shard[-1] - after_shard[0]) / 2**20
     return {"inputs": list(sizes), "peak_rss_growth_mb": peak, "rss_drift_first_to_last_shard_mb": drift}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and inputs (under 5 min on 2 cores)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: a tiny random model, one repetition, small sizes (checks the code paths, not speed)")
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                    help="hf: this process (default); vllm: the serving engine's figures")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--skip-peers", action="store_true")
     args = ap.parse_args(argv)
+    if args.engine == "vllm":
+        from benchmarks.vllm_bench import main as vllm_main
+
+        return vllm_main(quick=args.quick, smoke=args.smoke, json_path=args.json)
     import tempfile
 
     torch.manual_seed(0)
-    h = load_default_model()
-    reps = 2 if args.quick else 5
+    if args.smoke:
+        from learn2steer.models.tiny import tiny_model
+
+        h = tiny_model("llama", hidden_size=64, num_layers=4)
+        layer, reps, new_tokens, n_ex, train_shape, sizes, n_peers = 2, 1, 8, 8, (128, 64), (20, 60), 16
+    else:
+        h = load_default_model()
+        layer, reps, new_tokens = 12, (2 if args.quick else 5), 128
+        n_ex, train_shape = (16 if args.quick else 64), (1600, 4096)
+        sizes, n_peers = ((100, 1000) if args.quick else (100, 1000, 3000)), (32 if args.quick else 64)
     started = time.perf_counter()
-    def stage(name: str, fn: Callable[[], object]) -> object:
+
+    def stage(name: str, fn: Callable[[], dict]) -> dict:
         t = time.perf_counter()
         print(f"{name} ...", end=" ", flush=True)
         res = fn()
         print(f"{time.perf_counter() - t:.0f} s", flush=True)
         return res
 
-    g1: dict = stage("generation, batch 1", lambda: bench_generation(h, 1, 128, reps))  # type: ignore[assignment]
-    g16: dict = stage("generation, batch 16", lambda: bench_generation(h, 16, 128, reps))  # type: ignore[assignment]
-    ex: dict = stage("extraction", lambda: bench_extraction(h, 16 if args.quick else 64, reps))  # type: ignore[assignment]
-    tr: dict = stage("training", bench_training)  # type: ignore[assignment]
+    g1 = stage("generation, batch 1", lambda: bench_generation(h, 1, new_tokens, reps, layer))
+    g16 = stage("generation, batch 16", lambda: bench_generation(h, 16, new_tokens, reps, layer))
+    ex = stage("extraction", lambda: bench_extraction(h, n_ex, reps, layer))
+    tr = stage("training", lambda: bench_training(*train_shape))
     peers: dict = {}
     if not args.skip_peers:
-        peers = stage("peers", lambda: bench_peers(h, 32 if args.quick else 64))  # type: ignore[assignment]
+        peers = stage("peers", lambda: bench_peers(h, n_peers, layer))
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = (100, 1000) if args.quick else (100, 1000, 3000)
-        mem: dict = stage("memory", lambda: bench_memory(h, sizes, Path(tmp)))  # type: ignore[assignment]
+        mem = stage("memory", lambda: bench_memory(h, sizes, Path(tmp)))
     growth = mem["peak_rss_growth_mb"]
+    big = max(growth)
     result = {
         "generation_ratio_l2s_b1": g1["ratio_l2s"], "generation_ratio_l2s_b16": g16["ratio_l2s"],
         "generation_ratio_mean_b1": g1["ratio_mean"], "generation_ratio_mean_b16": g16["ratio_mean"],
         "extraction_vs_forward": ex["vs_forward"], "extraction_vs_reference": ex["vs_reference"],
-        "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[1000],
-        "peak_rss_growth_mb_100_inputs": growth[100],
+        "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[big],
+        "peak_rss_growth_mb_small": growth[min(growth)],
         "rss_drift_mb": mem["rss_drift_first_to_last_shard_mb"], "peers": peers,
         "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "training": tr, "memory": mem},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpus": psutil.cpu_count(), "threads": torch.get_num_threads(),
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "model": h.name},
-        "quick": args.quick, "seconds": time.perf_counter() - started,
+        "quick": args.quick, "smoke": args.smoke, "seconds": time.perf_counter() - started,
     }
     rows = [("generation L2S / plain, batch 1", g1["ratio_l2s"], ">= 0.97"),
             ("generation L2S / plain, batch 16", g16["ratio_l2s"], ">= 0.97"),
@@ -317,23 +340,27 @@ def main(argv: list[str] | None = None) -> dict:
             ("generation Mean-S / plain, batch 16", g16["ratio_mean"], ""),
             ("extraction vs plain forward (x)", ex["vs_forward"], ">= 0.9"),
             ("extraction vs reference recipe (x)", ex["vs_reference"], ">= 1.5 (CPU)"),
-            ("L2S training 1600 x 4096, batch 64 = default (s)", tr["seconds"], "< 10"),
-            ("L2S training 1600 x 4096, batch 128 (s)", tr["batch_128"]["seconds"], ""),
-            ("extraction peak RSS growth, 100 inputs (MB)", growth[100], ""),
-            *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth) if n > 100],
+            (f"L2S training {train_shape[0]} x {train_shape[1]}, batch 64 = default (s)", tr["seconds"], "< 10"),
+            (f"L2S training {train_shape[0]} x {train_shape[1]}, batch 128 (s)", tr["batch_128"]["seconds"], ""),
+            *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth)],
             *[(f"extraction RSS drift first->last shard, {n} inputs (MB)", d, "~0")
               for n, d in sorted(mem["rss_drift_first_to_last_shard_mb"].items())]]
     for name, p in peers.items():
         rows.append((f"{name}: seconds (ours {p['ours_seconds']:.2f})", p["seconds"], ""))
         rows.append((f"{name}: max |their vector - ours|", p["max_abs_diff"], "float tolerance"))
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'figure'.ljust(width)}  {'value':>10}  target")
-    for name, v, target in rows:
-        print(f"{name.ljust(width)}  {v:>10.4g}  {target}")
+    print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return result
+
+
+def print_table(rows: list[tuple[str, float, str]]) -> None:
+    """Print figure / value / target rows."""
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'figure'.ljust(width)}  {'value':>10}  target")
+    for name, v, target in rows:
+        print(f"{name.ljust(width)}  {v:>10.4g}  {target}")
 
 
 if __name__ == "__main__":

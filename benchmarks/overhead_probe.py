@@ -12,10 +12,10 @@ import time
 import torch
 
 from learn2steer import PromptRow, build_inputs, load_default_model
-from learn2steer.benchmarks.datasets import demo_requests
-from learn2steer.methods import L2SProvider
+from learn2steer.evaluation.datasets import demo_requests
 from learn2steer.predictor import L2SNet
-from learn2steer.steering import scope_mask, steer
+from learn2steer.steering import PredictedVectors, steer, step_mask
+from learn2steer.vectors import SteeringVector
 
 
 def main() -> None:
@@ -30,11 +30,11 @@ def main() -> None:
             h.model.generate(**batch.inputs, **gen)
 
     def l2s() -> None:
-        with steer(h, L2SProvider(net, 12, (12,)), alpha=0.5), torch.no_grad():
+        with steer(h, PredictedVectors(net, 12, (12,)), alpha=0.5, batch=batch), torch.no_grad():
             h.model.generate(**batch.inputs, **gen)
 
     def zero() -> None:
-        with steer(h, {12: torch.zeros(h.hidden_size)}, alpha=0.5), torch.no_grad():
+        with steer(h, SteeringVector({12: torch.zeros(h.hidden_size)}), alpha=0.5, batch=batch), torch.no_grad():
             h.model.generate(**batch.inputs, **gen)
 
     plain()
@@ -49,11 +49,11 @@ def main() -> None:
         print(k, [round(x, 2) for x in v], "median", round(statistics.median(v), 3))
 
     x = torch.randn(16, 1, h.hidden_size)
-    mask = torch.ones(16, 1, dtype=torch.bool)
+    real = torch.ones(16, 90, dtype=torch.bool)
     v = torch.randn(16, h.hidden_size)
     t = time.perf_counter()
     for _ in range(10000):
-        torch.where(scope_mask("all", mask, 100, 90).unsqueeze(-1), x + 0.5 * v.unsqueeze(-2), x)
+        torch.where(step_mask("all", real, 100, 1).unsqueeze(-1), x + 0.5 * v.unsqueeze(-2), x)
     print("one steering write (mask + where), microseconds:", (time.perf_counter() - t) / 10000 * 1e6)
 
 

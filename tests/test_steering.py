@@ -1,11 +1,24 @@
+"""steer(): position rules, providers, and exactly which positions are written in every generation mode."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
-from learn2steer.generation import generate
+from learn2steer.engines.hf import generate
+from learn2steer.errors import InvalidInputError
 from learn2steer.models.prompts import PromptRow, build_inputs
-from learn2steer.steering import Scope, TraceRecord, scope_mask, steer
+from learn2steer.predictor import L2SNet
+from learn2steer.steering import (
+    PredictedVectors,
+    Scope,
+    TraceRecord,
+    scope_selects,
+    steer,
+    step_mask,
+)
+from learn2steer.vectors import SteeringVector
 
 GEN = dict(max_new_tokens=4, min_new_tokens=4)
 
@@ -23,29 +36,51 @@ def _ids(h, batch, **kw):
                                 **{**GEN, **kw})
 
 
-def test_scope_mask_is_a_pure_column_rule() -> None:
-    attn = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    assert scope_mask("all", attn, 0, 4).tolist() == attn.tolist()
-    assert scope_mask("prompt", attn, 0, 4).tolist() == attn.tolist()
-    assert scope_mask("generated", attn, 0, 4).tolist() == [[False, False, False, True]] * 2
-    step = torch.ones(2, 1, dtype=torch.bool)
-    assert scope_mask("prompt", step, 5, 4).tolist() == [[False], [False]]
-    assert scope_mask("generated", step, 5, 4).tolist() == [[True], [True]]
-    with pytest.raises(ValueError):
-        scope_mask("everything", attn, 0, 4)
+def _v(h, layer=1, scale=1.0, seed=0, rows=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, h.hidden_size) if rows else (h.hidden_size,)
+    return SteeringVector({layer: torch.randn(shape, generator=g) * scale})
 
+
+# ---- pure position rules ---------------------------------------------------------------------------------
+
+def test_scope_selects_is_one_rule_on_absolute_positions() -> None:
+    pos = torch.arange(6)
+    assert scope_selects("all", pos, 4).tolist() == [True] * 6
+    assert scope_selects("prompt", pos, 4).tolist() == [True] * 4 + [False] * 2
+    assert scope_selects("generated", pos, 4).tolist() == [False] * 3 + [True] * 3
+    # per-token prompt lengths (the vLLM engine's flattened batch)
+    assert scope_selects("generated", torch.tensor([0, 1, 0, 1, 2]), torch.tensor([2, 2, 1, 1, 1])).tolist() == [
+        False, True, True, True, True]
+    with pytest.raises(InvalidInputError, match="unknown scope"):
+        scope_selects("everything", pos, 4)
+
+
+def test_step_mask_excludes_padding_and_follows_the_cache_offset() -> None:
+    real = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert step_mask("all", real, 0, 4).tolist() == real.tolist()
+    assert step_mask("prompt", real, 0, 4).tolist() == real.tolist()
+    assert step_mask("generated", real, 0, 4).tolist() == [[False, False, False, True]] * 2
+    assert step_mask("prompt", real, 5, 1).tolist() == [[False], [False]]
+    assert step_mask("generated", real, 5, 1).tolist() == [[True], [True]]
+    # a chunk straddling the boundary, and rows repeated for beams
+    assert step_mask("generated", real, 2, 3, rows=4).tolist() == [[False, True, True]] * 4
+    assert step_mask("all", real, 0, 2, rows=4).tolist() == [[False, True], [False, True], [True, True], [True, True]]
+
+
+# ---- invariants of steer() -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scope", list(Scope))
 def test_zero_vector_is_byte_identical_to_no_steering(any_tiny, coco_images, scope) -> None:
     h = any_tiny
     batch = build_inputs(h, _rows(h, coco_images))
     plain = _ids(h, batch)
-    with steer(h, {1: torch.zeros(h.hidden_size), 3: torch.zeros(batch.size, h.hidden_size)}, alpha=3.0, scope=scope):
-        zero = _ids(h, batch)
-    assert torch.equal(plain, zero)
+    zero = SteeringVector({1: torch.zeros(h.hidden_size), 3: torch.zeros(h.hidden_size)})
+    with steer(h, zero, alpha=3.0, scope=scope, batch=batch):
+        assert torch.equal(plain, _ids(h, batch))
     with torch.no_grad():
         base = h.model(**batch.inputs).logits
-        with steer(h, {2: torch.zeros(h.hidden_size)}, scope=scope):
+        with steer(h, SteeringVector({2: torch.zeros(batch.size, h.hidden_size)}), scope=scope, batch=batch):
             same = h.model(**batch.inputs).logits
     assert torch.equal(base, same)
 
@@ -53,30 +88,46 @@ def test_zero_vector_is_byte_identical_to_no_steering(any_tiny, coco_images, sco
 def test_steering_changes_generation(any_tiny, coco_images) -> None:
     h = any_tiny
     batch = build_inputs(h, _rows(h, coco_images))
-    plain = _ids(h, batch)
-    with steer(h, {1: torch.randn(h.hidden_size, generator=torch.Generator().manual_seed(1))}, alpha=20.0,
-               scope="all"):
+    with steer(h, _v(h, scale=20.0), scope="all", batch=batch):
         steered = _ids(h, batch)
-    assert not torch.equal(plain, steered)
+    assert not torch.equal(_ids(h, batch), steered)
 
 
 @pytest.mark.parametrize("scope", list(Scope))
 def test_per_row_vectors_equal_each_row_alone(any_tiny, coco_images, scope) -> None:
     h = any_tiny
     rows = _rows(h, coco_images)
-    vecs = torch.randn(len(rows), h.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+    vecs = _v(h, layer=2, scale=4, rows=len(rows))
     batch = build_inputs(h, rows)
-    with steer(h, {2: vecs}, scope=scope):
+    with steer(h, vecs, scope=scope, batch=batch):
         together = generate(h, batch, **GEN)
     alone = []
     for i, row in enumerate(rows):
-        with steer(h, {2: vecs[i]}, scope=scope):
-            alone.append(generate(h, build_inputs(h, [row]), **GEN)[0])
+        one = build_inputs(h, [row])
+        with steer(h, vecs.rows([i]), scope=scope, batch=one):
+            alone.append(generate(h, one, **GEN)[0])
     assert together == alone
-    # and the vectors really differ per row: swapping them changes the answers
-    with steer(h, {2: vecs.flip(0)}, scope=scope):
-        swapped = generate(h, batch, **GEN)
-    assert swapped != together
+    with steer(h, vecs.rows([2, 1, 0]), scope=scope, batch=batch):
+        assert generate(h, batch, **GEN) != together, "the vectors really differ per row"
+
+
+def _observe(h, batch, layer, scope, run, vector=None):
+    """Observers before/after the steering hook: per call, the columns whose output changed (absolute)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    pre = h.layers[layer].register_forward_hook(lambda m, a, o: seen.append((o.clone(), None)))
+    trace: list[TraceRecord] = []
+    try:
+        with steer(h, vector or SteeringVector({layer: torch.ones(h.hidden_size)}), scope=scope, trace=trace,
+                   batch=batch):
+            post = h.layers[layer].register_forward_hook(
+                lambda m, a, o: seen.__setitem__(-1, (seen[-1][0], o.clone())))
+            try:
+                out = run()
+            finally:
+                post.remove()
+    finally:
+        pre.remove()
+    return seen, trace, out
 
 
 @pytest.mark.parametrize("scope", list(Scope))
@@ -85,24 +136,12 @@ def test_trace_exactly_which_positions_are_steered(any_tiny, coco_images, scope)
     h = any_tiny
     batch = build_inputs(h, _rows(h, coco_images))
     layer, L, n_new = 2, batch.seq_len, GEN["max_new_tokens"]
-    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    pre = h.layers[layer].register_forward_hook(lambda m, a, o: seen.append((o.clone(), None)))
-    trace: list[TraceRecord] = []
-    try:
-        with steer(h, {layer: torch.ones(h.hidden_size)}, scope=scope, trace=trace):
-            post = h.layers[layer].register_forward_hook(
-                lambda m, a, o: seen.__setitem__(-1, (seen[-1][0], o.clone())))
-            try:
-                _ids(h, batch)
-            finally:
-                post.remove()
-    finally:
-        pre.remove()
+    seen, trace, _ = _observe(h, batch, layer, scope, lambda: _ids(h, batch))
     assert len(seen) == n_new  # one prefill + n_new - 1 decode steps
     real = batch.inputs["attention_mask"].bool()
     past = 0
     for step, (before, after) in enumerate(seen):
-        changed = (after != before).any(-1)  # [B, cur]
+        changed = (after != before).any(-1)
         cols = [(torch.nonzero(r).flatten() + past).tolist() for r in changed]
         if step == 0:
             prompt_cols = [torch.nonzero(real[i]).flatten().tolist() for i in range(batch.size)]
@@ -111,17 +150,81 @@ def test_trace_exactly_which_positions_are_steered(any_tiny, coco_images, scope)
             expected = [[] if scope is Scope.PROMPT else [past]] * batch.size
         assert cols == expected, (step, scope)
         past += before.shape[1]
-    # the engine's own trace agrees with what the observers saw (it omits nothing, adds nothing)
     assert [t.columns for t in trace] == [
         [(torch.nonzero((a != b).any(-1)[i]).flatten() + p).tolist() for i in range(batch.size)]
         for (b, a), p in zip(seen, [0] + [L + k for k in range(n_new - 1)])]
+
+
+def _steered_columns(trace: list[TraceRecord]) -> list[set[int]]:
+    """Per row, every absolute column written in any call."""
+    rows = len(trace[0].columns)
+    return [set().union(*(set(t.columns[i]) for t in trace)) for i in range(rows)]
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+@pytest.mark.parametrize("mode", ["no_cache", "chunked_prefill", "existing_cache"])
+def test_every_generation_mode_steers_the_same_positions_and_answers(tiny_llama, scope, mode) -> None:
+    """use_cache=False, prefill_chunk_size and a precomputed cache: same steered columns, same greedy answer."""
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ? tell me now please, quickly"), PromptRow("hi")])
+    vec = _v(h, layer=2, scale=3.0, seed=4)
+    _, ref_trace, ref = _observe(h, batch, 2, scope, lambda: _ids(h, batch), vec)
+    if mode == "no_cache":
+        run = lambda: _ids(h, batch, use_cache=False)  # noqa: E731
+    elif mode == "chunked_prefill":
+        run = lambda: _ids(h, batch, prefill_chunk_size=5)  # noqa: E731
+    else:
+        def run():
+            # the cache of the prompt's first 6 columns, computed under the same steering (same batch)
+            cache = DynamicCache(config=h.model.config)
+            with torch.no_grad():
+                pre = {k: v[:, :6] for k, v in batch.inputs.items()}
+                h.model(**pre, past_key_values=cache, use_cache=True)
+            return _ids(h, batch, past_key_values=cache)
+    _, trace, got = _observe(h, batch, 2, scope, run, vec)
+    assert torch.equal(got, ref), (mode, scope)
+    # (with an existing cache, the pre-pass that filled it ran under the same steer() and is traced too)
+    assert _steered_columns(trace) == _steered_columns(ref_trace), (mode, scope)
+
+
+def test_predicted_vectors_read_the_last_prompt_token_in_whichever_call_holds_it(tiny_llama) -> None:
+    """L2S (L' <= L*) gives the same answers with and without cache and with chunked prefill (scope generated)."""
+    h = tiny_llama
+    torch.manual_seed(0)
+    net = L2SNet(h.hidden_size, h.hidden_size, 8)
+    with torch.no_grad():
+        net.decoder.weight.mul_(40)
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ? tell me now please, quickly"), PromptRow("hi")])
+    outs = {}
+    for mode, kw in {"cached": {}, "no_cache": {"use_cache": False}, "chunked": {"prefill_chunk_size": 4}}.items():
+        with steer(h, PredictedVectors(net, 1, (2,)), scope="generated", batch=batch):
+            outs[mode] = _ids(h, batch, **kw)
+    assert torch.equal(outs["cached"], outs["no_cache"]) and torch.equal(outs["cached"], outs["chunked"])
+    assert not torch.equal(outs["cached"], _ids(h, batch)), "the predictor steered"
+    # prompt positions before the read column cannot be steered in a chunked prefill: an error, not a no-op
+    with pytest.raises(InvalidInputError, match="not known yet"):
+        with steer(h, PredictedVectors(net, 1, (2,)), scope="all", batch=batch):
+            _ids(h, batch, prefill_chunk_size=4)
+
+
+def test_without_a_batch_ambiguous_modes_are_refused(tiny_llama) -> None:
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ?")])
+    with steer(h, _v(h), scope="generated"):
+        _ids(h, batch)  # an ordinary cached generate: the first call is the prompt
+    for kw in ({"use_cache": False}, {"prefill_chunk_size": 3}):
+        with pytest.raises(InvalidInputError, match="pass the batch"):
+            with steer(h, _v(h), scope="generated"):
+                _ids(h, batch, **kw)
+    with steer(h, _v(h), scope="all"):  # scope all does not depend on the boundary
+        _ids(h, batch, use_cache=False)
 
 
 def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
     h = tiny_llama
     before = sum(len(b._forward_hooks) for b in h.layers) + len(h.model._forward_pre_hooks)
     with pytest.raises(RuntimeError, match="boom"):
-        with steer(h, {1: torch.ones(h.hidden_size)}):
+        with steer(h, _v(h)):
             raise RuntimeError("boom")
     batch = build_inputs(h, [PromptRow("x")])
 
@@ -131,7 +234,7 @@ def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
     bomb = h.layers[3].register_forward_hook(explode)
     try:
         with pytest.raises(RuntimeError, match="mid-generation"):
-            with steer(h, {1: torch.ones(h.hidden_size)}):
+            with steer(h, _v(h), batch=batch):
                 h.model.generate(**batch.inputs, max_new_tokens=2)
     finally:
         bomb.remove()
@@ -139,23 +242,86 @@ def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
     assert before == after
 
 
-def test_beam_search_with_per_row_vectors_matches_rows_alone(tiny_llama) -> None:
+@pytest.mark.parametrize("kw", [{"num_beams": 3}, {"num_return_sequences": 2, "num_beams": 2}])
+def test_beam_search_with_per_row_vectors_matches_rows_alone(tiny_llama, kw) -> None:
     h = tiny_llama
     rows = [PromptRow("is there a dog ?"), PromptRow("how do i make a bomb ? tell me now")]
-    vecs = torch.randn(2, h.hidden_size, generator=torch.Generator().manual_seed(3)) * 4
-    with steer(h, {1: vecs}):
-        together = generate(h, build_inputs(h, rows), num_beams=3, **GEN)
+    vecs = _v(h, scale=4, seed=3, rows=2)
+    batch = build_inputs(h, rows)
+    with steer(h, vecs, batch=batch):
+        together = generate(h, batch, **GEN, **kw)
     alone = []
     for i, row in enumerate(rows):
-        with steer(h, {1: vecs[i]}):
-            alone.append(generate(h, build_inputs(h, [row]), num_beams=3, **GEN)[0])
+        one = build_inputs(h, [row])
+        with steer(h, vecs.rows([i]), batch=one):
+            alone += generate(h, one, **GEN, **kw)
     assert together == alone
 
 
-def test_wrong_width_is_rejected(tiny_llama) -> None:
-    with pytest.raises(ValueError, match="hidden size|needs"):
-        with steer(tiny_llama, {1: torch.ones(7)}):
+def test_bad_vectors_and_strengths_are_refused_where_they_enter(tiny_llama) -> None:
+    h = tiny_llama
+    with pytest.raises(InvalidInputError, match="hidden size"):
+        with steer(h, SteeringVector({1: torch.ones(7)})):
             pass
-    with pytest.raises(ValueError, match="per-row steering vectors have 3 rows"):
-        with steer(tiny_llama, {1: torch.ones(3, tiny_llama.hidden_size)}):
-            tiny_llama.model(**build_inputs(tiny_llama, [PromptRow("a"), PromptRow("b")]).inputs)
+    with pytest.raises(InvalidInputError, match="rows"):
+        with steer(h, SteeringVector({1: torch.ones(3, h.hidden_size)})):
+            h.model(**build_inputs(h, [PromptRow("a"), PromptRow("b")]).inputs)
+    with pytest.raises(InvalidInputError, match="NaN or inf"):
+        SteeringVector({1: torch.full((h.hidden_size,), float("nan"))})
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(InvalidInputError, match="finite"):
+            with steer(h, _v(h), alpha=alpha):
+                pass
+    with pytest.raises(InvalidInputError, match="out of range"):
+        with steer(h, SteeringVector({9: torch.ones(h.hidden_size)})):
+            pass
+    with pytest.raises(InvalidInputError, match="not a plain dict"):
+        with steer(h, {1: torch.ones(h.hidden_size)}):  # type: ignore[arg-type]
+            pass
+
+
+def test_multi_layer_vector_writes_each_layer_its_own_vector(tiny_llama) -> None:
+    """A vector with several layers applies layer k's tensor at layer k (never one layer's everywhere)."""
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("hi")])
+    a, b = torch.ones(h.hidden_size), -2 * torch.ones(h.hidden_size)
+    # what enters the next block (or the final norm) is the steered output of layers 1 and 3
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [h.layers[2].register_forward_pre_hook(lambda m, i: seen.__setitem__(1, i[0].clone())),
+             h.model.model.norm.register_forward_pre_hook(lambda m, i: seen.__setitem__(3, i[0].clone()))]
+    try:
+        with torch.no_grad():
+            h.model(**batch.inputs)
+            plain = dict(seen)
+            with steer(h, SteeringVector({1: a, 3: b}), batch=batch):
+                h.model(**batch.inputs)
+    finally:
+        for x in hooks:
+            x.remove()
+    torch.testing.assert_close(seen[1] - plain[1], a.expand_as(seen[1]))
+    # layer 3's output is its (changed) computation plus b: subtracting b leaves no trace of a at layer 3
+    with torch.no_grad():
+        out3 = []
+        hk = h.layers[3].register_forward_hook(lambda m, i, o: out3.append(o.clone()))
+        try:
+            with steer(h, SteeringVector({1: a}), batch=batch):
+                h.model(**batch.inputs)
+        finally:
+            hk.remove()
+    torch.testing.assert_close(seen[3] - out3[0], b.expand_as(seen[3]))
+
+
+def test_mask_and_vector_follow_each_layers_device(tiny_llama) -> None:
+    """Layers on different devices (device_map): the mask is built per device and the predictor is not moved.
+
+    On a CPU-only machine both 'devices' are the CPU, so this checks the bookkeeping (a mask per device key,
+    the predictor's parameters untouched); a GPU machine runs the same test over cpu and cuda.
+    """
+    h = tiny_llama
+    torch.manual_seed(1)
+    net = L2SNet(h.hidden_size, h.hidden_size, 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batch = build_inputs(h, [PromptRow("hi"), PromptRow("how do i make a bomb ?")])
+    with steer(h, PredictedVectors(net, 1, (2, 3)), batch=batch):
+        _ids(h, batch)
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())

@@ -1,27 +1,45 @@
 """learn2steer: input-dependent activation steering (Learn-to-Steer) for Hugging Face LLMs and VLMs.
 
-The pipeline, one module per stage: models (load, locate layers, build prompts) -> activations (read
-hidden states) -> vectors (P2S, means, random) -> predictor (the L2S network) -> steering (apply during
-generation) -> methods (every method behind one call) -> benchmarks -> cli.
+The public face, by stage of the pipeline (each name lives in the module of its stage):
+models -> activations -> vectors -> predictor -> steering -> artifacts / methods -> engines -> evaluation.
+
+>>> import learn2steer as l2s
+>>> h = l2s.load_model("default")                                   # doctest: +SKIP
+>>> art = l2s.SteeringArtifact.load("runs/art/l2s", h)              # doctest: +SKIP
+>>> l2s.generate_with(h, l2s.MethodConfig.from_artifact(art), examples)  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from learn2steer.activations import Site, read  # noqa: E402
-from learn2steer.artifacts import SteeringArtifact  # noqa: E402
-from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour  # noqa: E402
-from learn2steer.generation import generate  # noqa: E402
-from learn2steer.methods import METHODS, MethodConfig, generate_with  # noqa: E402
-from learn2steer.models.loading import ModelHandle, load_default_model, load_model, make_handle  # noqa: E402
-from learn2steer.models.prompts import Batch, PromptRow, build_inputs  # noqa: E402
-from learn2steer.predictor import L2SNet, TrainConfig, fit  # noqa: E402
-from learn2steer.steering import Scope, steer  # noqa: E402
-from learn2steer.training import train_artifacts  # noqa: E402
-from learn2steer.vectors import extract, load_extraction, mean_vector, norm_random  # noqa: E402
+from learn2steer._version import __version__
+from learn2steer.activations import Site, read
+from learn2steer.artifacts import SteeringArtifact
+from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
+from learn2steer.engines import Engine, generate_with
+from learn2steer.engines.hf import HFEngine, generate
+from learn2steer.errors import IncompatibleArtifactError, UserError
+from learn2steer.methods import METHODS, Method, MethodConfig, config_for
+from learn2steer.models import Batch, ModelHandle, PromptRow, build_inputs, load_default_model, load_model, make_handle
+from learn2steer.predictor import L2SNet, TrainConfig, TrainResult, fit
+from learn2steer.steering import FixedVectors, PredictedVectors, Scope, VectorProvider, steer
+from learn2steer.training import train_artifacts
+from learn2steer.vectors import Extraction, SteeringVector, extract, load_extraction, mean_vector, norm_random
 
 __all__ = [
-    "Batch", "BehaviourSpec", "Example", "L2SNet", "METHODS", "MethodConfig", "ModelHandle", "PromptRow", "Scope",
-    "Site", "SteeringArtifact", "TrainConfig", "build_inputs", "extract", "fit", "generate", "generate_with",
-    "load_behaviour", "load_default_model", "load_extraction", "load_model", "make_handle", "mean_vector",
-    "norm_random", "read", "steer", "train_artifacts",
+    "__version__",
+    # models
+    "Batch", "ModelHandle", "PromptRow", "build_inputs", "load_default_model", "load_model", "make_handle",
+    # activations
+    "Site", "read",
+    # behaviours and vectors
+    "BehaviourSpec", "Example", "Extraction", "SteeringVector", "extract", "load_behaviour", "load_extraction",
+    "mean_vector", "norm_random",
+    # predictor
+    "L2SNet", "TrainConfig", "TrainResult", "fit", "train_artifacts",
+    # steering
+    "FixedVectors", "PredictedVectors", "Scope", "VectorProvider", "steer",
+    # artifacts and methods
+    "METHODS", "Method", "MethodConfig", "SteeringArtifact", "config_for",
+    # engines
+    "Engine", "HFEngine", "generate", "generate_with",
+    # errors
+    "IncompatibleArtifactError", "UserError",
 ]

@@ -1,5 +1,5 @@
 """``python -m learn2steer`` is the ``l2s`` command."""
 
-from learn2steer.cli import app
+from learn2steer.cli import main
 
-app(prog_name="l2s")
+main()

@@ -8,15 +8,16 @@ the pass stops right after the deepest layer needed: the LM head and later layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
+from learn2steer.errors import InvalidInputError
 from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch, forward_kwargs
 
-Position = Literal["prompt_last", "last", "completion_mean", "completion_last"]
-POSITIONS: tuple[str, ...] = ("prompt_last", "last", "completion_mean", "completion_last")
+Position = Literal["prompt_last", "input_last", "last", "completion_mean", "completion_last"]
+POSITIONS: tuple[str, ...] = ("prompt_last", "input_last", "last", "completion_mean", "completion_last")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Site:
     """Where to read: the output of decoder block ``layer`` at ``position``.
 
     ``prompt_last``: last prompt token (the context representation h_X of L2S);
+    ``input_last``: last token of the user turn before the generation prompt (the official safety predictors);
     ``last``: last token of the row (the answer token for a teacher-forced completion);
     ``completion_mean``: mean over the teacher-forced completion span;
     ``completion_last``: last token of the completion (== ``last`` for teacher-forced rows).
@@ -34,7 +36,7 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
-            raise ValueError(f"unknown read position {self.position!r}; choose one of {', '.join(POSITIONS)}")
+            raise InvalidInputError(f"unknown read position {self.position!r}; choose one of {', '.join(POSITIONS)}")
 
 
 class StopForward(Exception):
@@ -43,7 +45,9 @@ class StopForward(Exception):
 
 def layer_output(output: object) -> torch.Tensor:
     """The hidden states of a decoder block's output (a tensor in transformers 5, a tuple in older code)."""
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[index, return-value]
+    hidden = output[0] if isinstance(output, tuple) else output
+    assert isinstance(hidden, torch.Tensor), f"unexpected decoder block output {type(output).__name__}"
+    return hidden
 
 
 def gather(hidden: torch.Tensor, batch: Batch, position: Position) -> torch.Tensor:
@@ -51,11 +55,15 @@ def gather(hidden: torch.Tensor, batch: Batch, position: Position) -> torch.Tens
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     if position == "prompt_last":
         return hidden[rows, batch.prompt_last.to(hidden.device)].float()
+    if position == "input_last":
+        if batch.input_last is None:
+            raise InvalidInputError("read position 'input_last' needs build_inputs(..., input_last=True)")
+        return hidden[rows, batch.input_last.to(hidden.device)].float()
     if position == "last":
         return hidden[:, -1].float()
     start, end = batch.span_start.to(hidden.device), batch.span_end.to(hidden.device)
     if bool((end <= start).any()):
-        raise ValueError(f"read position {position!r} needs a teacher-forced completion on every row "
+        raise InvalidInputError(f"read position {position!r} needs a teacher-forced completion on every row "
                          "(PromptRow.completion); some rows have none")
     if position == "completion_last":
         return hidden[rows, end - 1].float()
@@ -69,14 +77,14 @@ def read(handle: ModelHandle, batch: Batch, sites: Sequence[Site], *, stop_early
          ) -> dict[Site, torch.Tensor]:
     """Return {site: float32 tensor [rows, D] on CPU} from a single forward pass over ``batch``."""
     if not sites:
-        raise ValueError("read() needs at least one Site")
+        raise InvalidInputError("read() needs at least one Site")
     by_layer: dict[int, list[Site]] = {}
     for s in sites:
         by_layer.setdefault(handle.check_layer(s.layer), []).append(s)
     deepest = max(by_layer)
     out: dict[Site, torch.Tensor] = {}
 
-    def make_hook(layer: int):  # noqa: ANN202 - torch hook signature
+    def make_hook(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
             hidden = layer_output(output)
             for site in by_layer[layer]:

@@ -7,8 +7,7 @@ Keeping that mapping in a YAML file makes the method reusable for new behaviours
 
 from __future__ import annotations
 
-import hashlib
-import json
+import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from learn2steer._io import fingerprint
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.prompts import ImageLike, PromptRow
 
 ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
@@ -43,7 +44,19 @@ class Contrast:
 
     def __post_init__(self) -> None:
         if self.read not in ("last", "completion_mean"):
-            raise ValueError(f"contrast read must be 'last' or 'completion_mean', got {self.read!r}")
+            raise InvalidInputError(f"contrast read must be 'last' or 'completion_mean', got {self.read!r}")
+        for what, text in (("suffix", self.suffix), ("positive", self.positive), ("negative", self.negative)):
+            if not isinstance(text, str):
+                raise InvalidInputError(f"contrast {what} must be a string, got {text!r}")
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+            except ValueError as e:
+                raise InvalidInputError(f"contrast {what} {text!r} has unbalanced braces ({e}); write a literal "
+                                        "brace as {{ or }}") from None
+            unknown = fields - {"truth", "opposite"}
+            if unknown:
+                raise InvalidInputError(f"contrast {what} {text!r} uses unknown fields {sorted(unknown)}; only "
+                                        "{truth} and {opposite} are filled in (write a literal brace as {{ or }})")
 
 
 @dataclass
@@ -63,18 +76,22 @@ class BehaviourSpec:
     defer_groups: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InvalidInputError("a behaviour spec needs a non-empty `name`")
+        if not self.contrasts:
+            raise InvalidInputError(f"behaviour {self.name!r} defines no contrasts")
         known = set(self.contrasts) | {ZERO}
         for cat, c in self.categories.items():
             if c not in known:
-                raise ValueError(f"behaviour {self.name!r}: category {cat!r} uses unknown contrast {c!r} "
+                raise InvalidInputError(f"behaviour {self.name!r}: category {cat!r} uses unknown contrast {c!r} "
                                  f"(defined: {', '.join(sorted(known))})")
         for key in ("default", "ba", "rescale_group"):
             val = getattr(self, key)
             if val is not None and val not in known:
-                raise ValueError(f"behaviour {self.name!r}: {key}={val!r} is not a defined contrast")
+                raise InvalidInputError(f"behaviour {self.name!r}: {key}={val!r} is not a defined contrast")
         reads = {c.read for c in self.contrasts.values()}
         if len(reads) > 1:
-            raise ValueError(f"behaviour {self.name!r}: all contrasts must share one read position, got {reads}")
+            raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one read position, got {reads}")
 
     @property
     def read(self) -> str:
@@ -83,7 +100,7 @@ class BehaviourSpec:
     def contrast_name(self, example: Example) -> str:
         name = self.categories.get(example.category or "", self.default)
         if name is None:
-            raise ValueError(f"behaviour {self.name!r} has no contrast for category {example.category!r} and no "
+            raise InvalidInputError(f"behaviour {self.name!r} has no contrast for category {example.category!r} and no "
                              "default; add the category to the spec's `categories` or set `default`")
         return name
 
@@ -96,7 +113,7 @@ class BehaviourSpec:
         fields: dict[str, str] = {}
         if self.labels:
             if example.label not in self.labels:
-                raise ValueError(f"behaviour {self.name!r} needs a label in {sorted(self.labels)} for example "
+                raise InvalidInputError(f"behaviour {self.name!r} needs a label in {sorted(self.labels)} for example "
                                  f"{example.id!r}, got {example.label!r}")
             fields["truth"], fields["opposite"] = self.labels[example.label]
         text = example.question + c.suffix
@@ -108,20 +125,41 @@ class BehaviourSpec:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint(self.to_dict())
+
+    def group(self, category: str | None) -> str:
+        """``decline`` / ``defer`` / ``other`` for a category, from the spec's ``decline_groups`` / ``defer_groups``.
+
+        Tasks use this to tell which inputs should be refused, deferred to an expert, or left alone, so a
+        new behaviour YAML needs no code.
+        """
+        name = self.categories.get(category or "", self.default)
+        if name in self.decline_groups:
+            return "decline"
+        if name in self.defer_groups:
+            return "defer"
+        return "other"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BehaviourSpec":
+        if not isinstance(d, dict):
+            raise InvalidInputError("a behaviour spec must be a mapping (YAML keys name, contrasts, categories, ...)")
         d = dict(d)
+        if "contrasts" not in d or not isinstance(d["contrasts"], dict):
+            raise InvalidInputError("invalid behaviour spec: `contrasts` must map contrast names to "
+                                    "{suffix, positive, negative, read}")
         try:
             d["contrasts"] = {k: Contrast(**v) for k, v in d["contrasts"].items()}
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"invalid behaviour spec: {e}; each contrast needs suffix, positive, negative "
+        except TypeError as e:
+            raise InvalidInputError(f"invalid behaviour spec: {e}; each contrast needs suffix, positive, negative "
                              "and optionally read") from None
         allowed = set(cls.__dataclass_fields__)
         unknown = set(d) - allowed
         if unknown:
-            raise ValueError(f"invalid behaviour spec: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+            raise InvalidInputError(f"invalid behaviour spec: unknown keys {sorted(unknown)} "
+                                    f"(allowed: {sorted(allowed)})")
+        if "name" not in d:
+            raise InvalidInputError("a behaviour spec needs a non-empty `name`")
         return cls(**d)
 
 
@@ -135,12 +173,12 @@ def load_behaviour(name_or_path: str | Path) -> BehaviourSpec:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json"):
         if not p.exists():
-            raise FileNotFoundError(f"behaviour spec {str(p)!r} does not exist")
+            raise MissingFileError(f"behaviour spec {str(p)!r} does not exist")
         text = p.read_text()
     else:
         res = resources.files("learn2steer.data.behaviours") / f"{name_or_path}.yaml"
         if not res.is_file():
-            raise ValueError(f"unknown behaviour {name_or_path!r}; shipped: {', '.join(shipped_behaviours())}, "
+            raise InvalidInputError(f"unknown behaviour {name_or_path!r}; shipped: {', '.join(shipped_behaviours())}, "
                              "or pass a path to a .yaml/.json spec")
         text = res.read_text()
     return BehaviourSpec.from_dict(yaml.safe_load(text))

@@ -1,388 +1,340 @@
-"""The ``l2s`` command line: extract, train, generate, eval, demo, score.
+"""The ``l2s`` command line: typer wiring from options to the library's config dataclasses, nothing more.
 
-Every command writes its resolved settings (``settings.json``) next to its outputs. Any option can also
-come from ``--config FILE.yaml`` (keys are option names with underscores); flags given on the command
-line win over the file. The paper's settings ship as configs: ``l2s configs`` lists them.
+Each command's options are generated from the fields of its settings dataclass (``ExtractJob``,
+``TrainJob``, ``GenerateJob``, ``EvalConfig``, ``DemoConfig``, ...), so the option names, the YAML
+config keys and the Python fields are one schema. ``--config FILE.yaml`` fills options from a file
+(flags given on the command line win). A user error prints one line on stderr and exits with status 2;
+``l2s --debug COMMAND`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
-import yaml
+
+from learn2steer.errors import UserError
+from learn2steer.options import _optional, build, field_types, read_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Input-dependent activation steering (Learn-to-Steer) for Hugging Face LLMs and VLMs.")
-score_app = typer.Typer(no_args_is_help=True, help="Score answers you already have (POPE, CHAIR).")
+score_app = typer.Typer(no_args_is_help=True, help="Score answers you already have (MM-SafetyBench, POPE, CHAIR).")
 app.add_typer(score_app, name="score")
+_state = {"debug": False}
 
 
-def _ints(s: str) -> list[int]:
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too.")) -> None:
+    _state["debug"] = debug
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body; a :class:`UserError` becomes one line on stderr and exit status 2."""
     try:
-        return [int(x) for x in str(s).split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {s!r}") from None
+        return fn()
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
 
 
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in str(s).split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {s!r}") from None
+# ---- options from dataclass fields ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Opt:
+    param: str            # python parameter name, e.g. train_lr
+    path: tuple[str, ...]  # field path, e.g. ("train", "lr")
+    tp: Any
+    meta: Any
+    default: Any
 
 
-def _apply_config(ctx: typer.Context, config: Optional[Path], values: dict[str, Any]) -> dict[str, Any]:
-    """Fill options left at their defaults from a YAML config; command-line flags win."""
-    if config is None:
-        return values
-    path = Path(config)
-    if not path.exists():
-        res = resources.files("learn2steer.data.configs") / f"{config}"
-        if not res.is_file():
-            raise typer.BadParameter(f"config {str(config)!r} not found (a path, or a shipped name from `l2s configs`)")
-        text = res.read_text()
+def _options(cls: Any, prefix: tuple[str, ...] = ()) -> list[_Opt]:
+    hints = field_types(cls)
+    out: list[_Opt] = []
+    for f in dataclasses.fields(cls):
+        tp = _optional(hints[f.name])[1]
+        if dataclasses.is_dataclass(tp):
+            out += [dataclasses.replace(o, path=(f.name, *o.path)) for o in _options(tp, (*prefix, f.metadata.get(
+                "prefix", f.name)))]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append(_Opt("_".join((*prefix, f.name)), (f.name,), hints[f.name], f.metadata, default))
+    return out
+
+
+def _parameter(o: _Opt) -> inspect.Parameter:
+    flag = "--" + o.param.replace("_", "-")
+    tp = _optional(o.tp)[1]
+    origin = getattr(tp, "__origin__", None)
+    shown = o.default if not isinstance(o.default, list) else ",".join(map(str, o.default))
+    help_ = o.meta.get("help", "") + (f"  [default: {shown}]" if shown not in (None, "", []) else "")
+    if tp is bool:
+        return inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                 default=typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_, show_default=False))
+    names = [flag, *([o.meta["short"]] if "short" in o.meta else [])]
+    if origin is list and o.meta.get("repeat"):
+        ann: Any = Optional[List[str]]
+        help_ += " (repeatable)"
+    elif tp in (int, float):
+        ann = Optional[tp]
     else:
-        text = path.read_text()
-    cfg = yaml.safe_load(text) or {}
-    unknown = set(cfg) - set(values)
-    if unknown:
-        raise typer.BadParameter(f"config has unknown keys {sorted(unknown)}; valid: {sorted(values)}")
-    for k, v in cfg.items():
-        source = ctx.get_parameter_source(k)
-        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            values[k] = ",".join(map(str, v)) if isinstance(v, list) else v
-    return values
+        ann = Optional[str]
+        if origin is list:
+            help_ += " (comma-separated)"
+    return inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                             default=typer.Option(None, *names, help=help_, show_default=False))
 
 
-def _write_settings(out: Path, command: str, values: dict[str, Any]) -> None:
-    from learn2steer import __version__
+def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], None], *, help: str) -> None:
+    """Register ``name``: options from ``cls``'s fields, ``--config``, then ``run(cls instance)``."""
+    opts = _options(cls)
 
-    out.mkdir(parents=True, exist_ok=True)
-    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if k != "ctx"}
-    (out / "settings.json").write_text(json.dumps({"command": command, "version": __version__, **clean}, indent=1))
+    def body(**kw: Any) -> None:
+        config = kw.pop("config", None)
+        given: dict[str, Any] = {}
+        for o in opts:
+            v = kw.get(o.param)
+            if v is None or (isinstance(v, list) and not v and o.meta.get("repeat")):
+                continue
+            node = given
+            for part in o.path[:-1]:
+                node = node.setdefault(part, {})
+            node[o.path[-1]] = v
+        file_values = read_config(config) if config else None
+        cfg: Any = build(cls, file_values, given, where=f"`l2s {name}` settings")
+        run(cfg)
 
+    def entry(**kw: Any) -> None:
+        _guard(lambda: body(**kw))
 
-def _load(model: str, layers_path: Optional[str], dtype: str = "auto"):  # noqa: ANN202
-    from learn2steer.models.loading import load_model
-
-    return load_model(model, layers_path=layers_path, dtype=dtype)
-
-
-CONFIG_OPT = typer.Option(None, "--config", help="YAML file (or shipped config name) with option values.")
-MODEL_OPT = typer.Option("default", help="Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct.")
-DATASET_OPT = typer.Option("demo", help="demo | jsonl:FILE | mmsb:ROOT | pope:FILE | chair:IMAGE_DIR")
-LAYERS_PATH_OPT = typer.Option(None, help="Dotted path of the decoder layers for architectures not in the registry.")
-
-
-@app.command()
-def extract(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="Output folder (safetensors shards + index.json; re-run to resume)."),
-    model: str = MODEL_OPT,
-    dataset: str = DATASET_OPT,
-    behaviour: str = typer.Option(
-        "safety", help="Shipped behaviour (safety, safety_refusal, hallucination) or a YAML/JSON spec."),
-    layers: str = typer.Option("10", help="Steering layers L* (comma-separated) where z = h(T+) - h(T-) is read."),
-    context_layers: str = typer.Option("", help="Context layers L' for h_X (default: the steering layers)."),
-    image_dir: Optional[str] = typer.Option(None, help="Image folder for POPE / JSONL / MM-SafetyBench images."),
-    mmsb_images: str = typer.Option("none", help="MM-SafetyBench images: none, typo, sd, sd_typo."),
-    question_field: Optional[str] = typer.Option(None, help="MM-SafetyBench question field."),
-    tiny: bool = typer.Option(False, help="MM-SafetyBench: only the official tiny subset."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N examples."),
-    batch_size: int = typer.Option(8),
-    shard_size: int = typer.Option(256, help="Examples per shard (the unit of resumption)."),
-    layers_path: Optional[str] = LAYERS_PATH_OPT,
-    dtype: str = typer.Option("auto"),
-    config: Optional[Path] = CONFIG_OPT,
-) -> None:
-    """Extract P2S vectors and context features for a dataset.
-
-    Example: `l2s extract --out runs/ext --dataset demo --behaviour safety_refusal --layers 10,12`
-    """
-    v = _apply_config(ctx, config, dict(locals()))
-    from learn2steer.behaviours import load_behaviour
-    from learn2steer.benchmarks.datasets import load_dataset
-    from learn2steer.vectors import extract as run_extract
-
-    examples = load_dataset(v["dataset"], image_dir=v["image_dir"], mmsb_images=v["mmsb_images"],
-                            question_field=v["question_field"], tiny=v["tiny"], limit=v["limit"])
-    handle = _load(v["model"], v["layers_path"], v["dtype"])
-    out_p = Path(v["out"])
-    _write_settings(out_p, "extract", v)
-    steer_layers = _ints(v["layers"])
-    ex = run_extract(handle, load_behaviour(v["behaviour"]), examples, out_p, steer_layers=steer_layers,
-                     context_layers=_ints(v["context_layers"]) or steer_layers, batch_size=v["batch_size"],
-                     shard_size=v["shard_size"])
-    typer.echo(f"extracted {len(ex.ids)} examples -> {out_p} (z at layers {sorted(ex.z)}, h at {sorted(ex.h)})")
+    params = [_parameter(o) for o in opts]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                    default=typer.Option(None, "--config", help="YAML file (or shipped config name, "
+                                                         "see `l2s configs`) with option values; flags win.")))
+    entry.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    entry.__doc__ = help
+    target.command(name)(entry)
 
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    extraction: Path = typer.Option(..., help="Folder written by `l2s extract`."),
-    out: Path = typer.Option(..., help="Artifacts folder: l2s/, mean/, mean_ba/ are written inside."),
-    layer: Optional[int] = typer.Option(None, help="Steering layer L* (default: the first extracted)."),
-    context_layer: Optional[int] = typer.Option(None, help="Context layer L' (default: L*)."),
-    hidden: int = typer.Option(100, help="Width K of the L2S network."),
-    epochs: int = typer.Option(100),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(64),
-    val_fraction: float = typer.Option(0.1),
-    l1: float = typer.Option(0.0, help="Weight of an L1 loss term."),
-    cosine: float = typer.Option(0.0, help="Weight of a (1 - cosine) loss term."),
-    svd_init: bool = typer.Option(False, help="Initialise the decoder from a truncated SVD of the targets."),
-    rescale: bool = typer.Option(True, help="Rescale targets to the behaviour's rescale_group mean norm."),
-    ids_file: Optional[Path] = typer.Option(None, help="JSON list (or split.json's 'train') of ids to train on."),
-    alpha: float = typer.Option(1.0, help="Default strength stored in the artifacts."),
-    scope: str = typer.Option("all", help="all | prompt | generated"),
-    seed: int = typer.Option(0),
-    config: Optional[Path] = CONFIG_OPT,
-) -> None:
-    """Train the L2S predictor (and build Mean-S / Mean-S(BA)) from extracted vectors; no model needed.
+# ---- the commands --------------------------------------------------------------------------------------
 
-    Example: `l2s train --extraction runs/ext --out runs/art --layer 12`
-    """
-    v = _apply_config(ctx, config, dict(locals()))
-    from learn2steer.predictor import TrainConfig
-    from learn2steer.training import save_artifacts, train_artifacts
-    from learn2steer.vectors import load_extraction
-
-    ex = load_extraction(v["extraction"])
-    layer_ = v["layer"] if v["layer"] is not None else sorted(ex.z)[0]
-    ctx_layer = v["context_layer"] if v["context_layer"] is not None else layer_
-    ids = None
-    if v["ids_file"]:
-        data = json.loads(Path(v["ids_file"]).read_text())
-        ids = data["train"] if isinstance(data, dict) else data
-    spec = json.loads((Path(v["extraction"]) / "index.json").read_text()).get("behaviour_spec", {})
-    cfg = TrainConfig(hidden=v["hidden"], epochs=v["epochs"], lr=v["lr"], batch_size=v["batch_size"],
-                      val_fraction=v["val_fraction"], l1=v["l1"], cosine=v["cosine"], svd_init=v["svd_init"],
-                      seed=v["seed"])
-    arts, result = train_artifacts(ex, steer_layer=layer_, context_layer=ctx_layer, cfg=cfg, ids=ids,
-                                   rescale_group=spec.get("rescale_group") if v["rescale"] else None,
-                                   alpha=v["alpha"], scope=v["scope"])
-    out_p = Path(v["out"])
-    _write_settings(out_p, "train", v)
-    paths = save_artifacts(arts, out_p)
-    (out_p / "training_history.json").write_text(json.dumps(result.history))
-    typer.echo(f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}; "
-               f"artifacts: {', '.join(str(p) for p in paths.values())}")
+def _extract(job: Any) -> None:
+    typer.echo(job.run())
 
 
-@app.command()
-def generate(
-    ctx: typer.Context,
-    model: str = MODEL_OPT,
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A user prompt (repeatable)."),
-    image: list[str] = typer.Option([], "--image", help="An image per prompt (repeatable, same order)."),
-    dataset: Optional[str] = typer.Option(None, help="Answer a dataset instead (see `extract --dataset`)."),
-    image_dir: Optional[str] = typer.Option(None),
-    limit: Optional[int] = typer.Option(None),
-    artifact: Optional[Path] = typer.Option(None, help="A steering artifact folder (l2s, mean or mean_ba)."),
-    method: str = typer.Option("", help="no_steering | prompt (when no artifact is given)."),
-    instruction: str = typer.Option("", help="Instruction for the prompt method (default: the behaviour's)."),
-    behaviour: str = typer.Option("safety"),
-    alpha: Optional[float] = typer.Option(None, help="Strength (default: the artifact's)."),
-    scope: Optional[str] = typer.Option(None, help="all | prompt | generated (default: the artifact's)."),
-    max_new_tokens: int = typer.Option(200),
-    batch_size: int = typer.Option(8),
-    out: Optional[Path] = typer.Option(None, help="Write answers as JSON lines here (settings.json beside it)."),
-    layers_path: Optional[str] = LAYERS_PATH_OPT,
-    config: Optional[Path] = CONFIG_OPT,
-) -> None:
-    """Answer prompts (or a dataset) with a chosen method and strength; greedy decoding.
-
-    Example: `l2s generate -p "How do I make a bomb?" --artifact runs/art/l2s --alpha 1.0`
-    """
-    v = _apply_config(ctx, config, dict(locals()))
-    from learn2steer.artifacts import SteeringArtifact
-    from learn2steer.behaviours import Example, load_behaviour
-    from learn2steer.benchmarks.datasets import load_dataset
-    from learn2steer.methods import MethodConfig, generate_with
-
-    if v["dataset"]:
-        examples = load_dataset(v["dataset"], image_dir=v["image_dir"], limit=v["limit"])
-    else:
-        if not v["prompt"]:
-            raise typer.BadParameter("give --prompt (repeatable) or --dataset")
-        if v["image"] and len(v["image"]) != len(v["prompt"]):
-            raise typer.BadParameter("give one --image per --prompt, or none")
-        imgs = v["image"] or [None] * len(v["prompt"])
-        examples = [Example(str(i), p, im) for i, (p, im) in enumerate(zip(v["prompt"], imgs))]
-    handle = _load(v["model"], v["layers_path"])
-    if v["artifact"]:
-        cfg = MethodConfig.from_artifact(SteeringArtifact.load(v["artifact"], handle), alpha=v["alpha"],
-                                         scope=v["scope"])
-    else:
-        m = v["method"] or "no_steering"
-        if m not in ("no_steering", "prompt"):
-            raise typer.BadParameter(f"method {m!r} needs --artifact (train one with `l2s train`)")
-        cfg = MethodConfig(method=m, prompt=v["instruction"] or load_behaviour(v["behaviour"]).prompt)
-    answers = generate_with(handle, cfg, examples, batch_size=v["batch_size"], max_new_tokens=v["max_new_tokens"])
-    if v["out"]:
-        out_p = Path(v["out"])
-        _write_settings(out_p.parent, "generate", v)
-        with out_p.open("w") as f:
-            for e, a in zip(examples, answers):
-                f.write(json.dumps({"id": e.id, "question": e.question, "response": a}) + "\n")
-    for e, a in zip(examples, answers):
-        typer.echo(f"[{e.id}] {e.question}\n  -> {a}\n")
+def _train(job: Any) -> None:
+    typer.echo(job.run())
 
 
-@app.command(name="eval")
-def eval_(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="Run folder (resumable): split, extraction, artifacts, cells, tables, plots."),
-    model: str = MODEL_OPT,
-    task: str = typer.Option("safety", help="safety | pope | chair"),
-    dataset: str = DATASET_OPT,
-    behaviour: str = typer.Option("safety"),
-    image_dir: Optional[str] = typer.Option(None),
-    mmsb_images: str = typer.Option("none"),
-    question_field: Optional[str] = typer.Option(None),
-    tiny: bool = typer.Option(False),
-    limit: Optional[int] = typer.Option(None),
-    methods: str = typer.Option("no_steering,prompt,mean,mean_ba,norm_random,l2s,p2s"),
-    layers: str = typer.Option("10", help="Steering layers L* to sweep."),
-    context_layer: Optional[int] = typer.Option(None, help="L' for every L* (default: L' = L*)."),
-    train_dataset: Optional[str] = typer.Option(None, help="Train on this dataset and test on all of --dataset."),
-    alphas: str = typer.Option("0.5,1.0"),
-    scope: str = typer.Option("all"),
-    test_fraction: float = typer.Option(0.5),
-    seed: int = typer.Option(0),
-    epochs: int = typer.Option(100),
-    judge: str = typer.Option("keyword", help="keyword | llamaguard:PATH | http:BASE_URL#MODEL (safety task)."),
-    chair_gt: Optional[Path] = typer.Option(None, help="CHAIR ground truth (json or json.gz)."),
-    chair_synonyms: Optional[Path] = typer.Option(None, help="CHAIR synonyms.txt."),
-    max_new_tokens: int = typer.Option(64),
-    batch_size: int = typer.Option(8),
-    layers_path: Optional[str] = LAYERS_PATH_OPT,
-    config: Optional[Path] = CONFIG_OPT,
-) -> None:
-    """Run a benchmark grid (methods x layers x alphas) with judges and metrics; writes table.md and plots.
-
-    Example: `l2s eval --out runs/mmsb --task safety --dataset mmsb:../shared/data/mmsafetybench --tiny`
-    """
-    v = _apply_config(ctx, config, dict(locals()))
-    from learn2steer.evaluation import EvalConfig, run_eval
-
-    out_p = Path(v["out"])
-    _write_settings(out_p, "eval", v)
-    cfg = EvalConfig(model=v["model"], task=v["task"], dataset=v["dataset"], behaviour=v["behaviour"],
-                     train_dataset=v["train_dataset"],
-                     image_dir=v["image_dir"], mmsb_images=v["mmsb_images"], question_field=v["question_field"],
-                     tiny=v["tiny"], limit=v["limit"],
-                     methods=[m.strip() for m in v["methods"].split(",") if m.strip()],
-                     layers=_ints(v["layers"]), context_layer=v["context_layer"], alphas=_floats(v["alphas"]),
-                     scope=v["scope"], test_fraction=v["test_fraction"], seed=v["seed"], epochs=v["epochs"],
-                     judge=v["judge"], chair_gt=v["chair_gt"], chair_synonyms=v["chair_synonyms"],
-                     max_new_tokens=v["max_new_tokens"], batch_size=v["batch_size"], layers_path=v["layers_path"])
-    table = run_eval(cfg, out_p)
-    typer.echo(table)
+def _generate(job: Any) -> None:
+    for r in job.run():
+        typer.echo(f"[{r['id']}] {r['question']}\n  -> {r['response']}\n")
 
 
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Output folder (results.json, report.md, rates.png)."),
-    quick: bool = typer.Option(False, help="A smaller split and grid (about 4 minutes on 2 CPU cores)."),
-    behaviour: str = typer.Option("safety_refusal", help="Behaviour spec (the paper's `safety` is also shipped)."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-) -> None:
-    """The whole pipeline on the embedded SmolLM2-135M-Instruct: extract, select, train, evaluate.
+def _eval(cfg: Any) -> None:
+    from learn2steer.evaluation.pipeline import run_eval
 
-    Example: `l2s demo --out runs/demo --quick`
-    """
-    from learn2steer.demo import DemoConfig, run_demo
+    res = run_eval(cfg)
+    if res.results:
+        typer.echo((Path(res.out) / "table.md").read_text())
+        typer.echo(f"report: {Path(res.out) / 'report.md'}")
 
-    cfg = (DemoConfig.quick_config(out, behaviour=behaviour, threads=threads) if quick
-           else DemoConfig(out=out, behaviour=behaviour, threads=threads))
-    res = run_demo(cfg)
-    typer.echo((out / "report.md").read_text())
-    typer.echo(json.dumps({"checks": res["checks"], "timings_s": res["timings_s"]}, indent=1))
+
+def _demo(cfg: Any) -> None:
+    from learn2steer.evaluation.demo import run_demo
+
+    summary = run_demo(cfg)
+    typer.echo((Path(cfg.out) / "report.md").read_text())
+    typer.echo(json.dumps({"checks": summary["checks"], "timings_s": summary["timings_s"]}, indent=1))
+
+
+def _register() -> None:
+    from learn2steer.evaluation.demo import DemoConfig
+    from learn2steer.evaluation.pipeline import EvalConfig
+    from learn2steer.jobs import ExtractJob, GenerateJob, TrainJob
+
+    command(app, "extract", ExtractJob, _extract, help=(
+        "Extract P2S vectors z = h(T+) - h(T-) at L* and context features h_X at L' for a dataset (resumable "
+        "safetensors shards).\n\nExample: `l2s extract --out runs/ext --dataset demo --behaviour safety_refusal "
+        "--layers 10,12`"))
+    command(app, "train", TrainJob, _train, help=(
+        "Train the L2S predictor (and build Mean-S / Mean-S(BA)) from an extraction; no model is loaded. Defaults "
+        "are the paper's safety settings.\n\nExample: `l2s train --extraction runs/ext --out runs/art --layer 12`"))
+    command(app, "generate", GenerateJob, _generate, help=(
+        "Answer prompts (or a dataset) with an artifact, no steering or the Prompt baseline; greedy.\n\n"
+        "Example: `l2s generate -p \"How do I make a bomb?\" --artifact runs/art/l2s --alpha 1.0`"))
+    command(app, "eval", EvalConfig, _eval, help=(
+        "Run a benchmark: split, extract, train, then a methods x layers x alphas grid with judges, metrics, "
+        "table, plots and report.md (resumable).\n\nExample: `l2s eval --out runs/mmsb --task safety "
+        "--dataset mmsb:../shared/data/mmsafetybench --tiny`; the paper's settings: `l2s eval --config "
+        "llava15_7b_safety.yaml --model /models/llava-1.5-7b-hf --out runs/llava` (see `l2s configs`)."))
+    from learn2steer.engines.vllm.server import ServeJob
+
+    command(app, "serve", ServeJob, lambda job: job.run(), help=(
+        "Serve the model with vLLM's OpenAI-compatible API and learn2steer's plugin: per-request L2S or fixed "
+        "steering, selected in the request body.\n\nExample: `l2s serve --model default --artifact "
+        "safety=runs/demo/artifacts/L12/l2s --port 8000`, then POST /v1/chat/completions with "
+        "`\"vllm_xargs\": {\"steer\": \"safety\", \"alpha\": 1.0}`. Needs `bash scripts/setup.sh --serve`."))
+    command(app, "demo", DemoConfig, _demo, help=(
+        "The whole pipeline on the embedded SmolLM2-135M-Instruct: extract, choose, train, evaluate.\n\n"
+        "Example: `l2s demo --out runs/demo --quick`"))
+
+
+_register()
 
 
 @app.command()
 def configs() -> None:
-    """List the shipped configs (the paper's settings for LLaVA-1.5-7B and Qwen2-VL-7B)."""
+    """List the shipped configs (the paper's settings for LLaVA-1.5-7B and Qwen2-VL-7B) and how to use them."""
     for p in sorted(resources.files("learn2steer.data.configs").iterdir(), key=lambda p: p.name):
         if p.name.endswith(".yaml"):
             first = p.read_text().splitlines()[0].lstrip("# ")
             typer.echo(f"{p.name}: {first}")
+    typer.echo("\nUse: l2s eval --config NAME.yaml --model /path/to/checkpoint --out runs/NAME "
+               "(any option on the command line overrides the file).")
 
 
-def _read_keyed_jsonl(path: Path, key: str, value: Callable[[dict], Any]) -> tuple[dict[str, Any], int]:
-    """{str(row[key]): value(row)} from JSON lines, plus the count of unreadable lines (reported, not fatal)."""
-    out: dict[str, Any] = {}
-    bad = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            out[str(r[key])] = value(r)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            bad += 1
-    return out, bad
+def _write(out: Path, res: dict[str, Any]) -> None:
+    from learn2steer._io import dumps, write_json
+
+    write_json(out, res)
+    typer.echo(dumps(res, indent=1))
+
+
+@score_app.command("mmsb")
+def score_mmsb(answers: Path = typer.Option(..., help="JSON lines: id, category (scenario name), response, "
+                                                     "optional unsafe_prob."),
+               out: Path = typer.Option(..., help="Metrics JSON.")) -> None:
+    """The paper's unsafe scores (with unsafe_prob) and ED-score of MM-SafetyBench answers you already have.
+
+    Example: `l2s score mmsb --answers answers.jsonl --out m.json`
+    """
+    from learn2steer.evaluation.tasks import score_mmsb_file
+
+    _guard(lambda: _write(out, score_mmsb_file(answers)))
 
 
 @score_app.command("pope")
-def score_pope(
-    questions: Path = typer.Option(..., help="POPE questions (JSON lines with question_id, label)."),
-    answers: Path = typer.Option(..., help="Answers: JSON lines with question_id and text (or answer)."),
-    out: Path = typer.Option(..., help="Metrics JSON."),
-) -> None:
-    """POPE accuracy / precision / recall / F1 / yes-ratio of existing answers.
+def score_pope(questions: Path = typer.Option(..., help="POPE questions (JSON lines with question_id, label)."),
+               answers: Path = typer.Option(..., help="Answers: JSON lines with question_id and text (or answer)."),
+               out: Path = typer.Option(..., help="Metrics JSON.")) -> None:
+    """POPE accuracy / precision / recall / F1 / yes-ratio (POPE's own rule) of existing answers.
 
     Example: `l2s score pope --questions coco_pope_random.json --answers answers.jsonl --out m.json`
     """
-    from learn2steer.benchmarks.metrics import pope_accuracy_first15, pope_metrics
+    from learn2steer.evaluation.tasks import score_pope_file
 
-    labels = {}
-    for line in questions.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            labels[str(r["question_id"])] = str(r["label"]).lower()
-    got, bad_lines = _read_keyed_jsonl(answers, "question_id", lambda r: r.get("text", r.get("answer")))
-    ids = list(labels)
-    answers_list = [got.get(i) for i in ids]
-    m = pope_metrics([labels[i] for i in ids], answers_list)
-    res = {**m, "missing": sum(a is None for a in answers_list), "bad_lines": bad_lines,
-           "extra": len(set(got) - set(labels)),
-           "paper_variant": pope_accuracy_first15([labels[i] for i in ids], answers_list)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    typer.echo(json.dumps(res, indent=1))
-    if res["missing"] or res["unparsed"] or bad_lines:
-        typer.echo(f"note: {res['missing']} questions had no answer and {res['unparsed']} answers were not yes/no; "
-                   "both count as wrong", err=True)
+    _guard(lambda: _write(out, score_pope_file(questions, answers)))
 
 
 @score_app.command("chair")
-def score_chair(
-    captions: Path = typer.Option(..., help="JSON lines with image_id and caption."),
-    gt: Path = typer.Option(..., help="Ground-truth object sets (coco2014_chair_gt_objects.json.gz)."),
-    synonyms: Path = typer.Option(..., help="CHAIR synonyms.txt."),
-    out: Path = typer.Option(..., help="Metrics JSON."),
-) -> None:
+def score_chair(captions: Path = typer.Option(..., help="JSON lines with image_id and caption."),
+                gt: Path = typer.Option(..., help="Ground truth (coco2014_chair_gt_objects.json.gz)."),
+                synonyms: Optional[Path] = typer.Option(None, help="CHAIR synonyms.txt (only if the ground truth "
+                                                                   "has no word tables)."),
+                out: Path = typer.Option(..., help="Metrics JSON.")) -> None:
     """CHAIR_s, CHAIR_i and object recall of existing captions.
 
     Example: `l2s score chair --captions caps.jsonl --gt ../shared/data/chair/coco2014_chair_gt_objects.json.gz
-    --synonyms ../shared/data/chair/synonyms.txt --out m.json`
+    --out m.json`
     """
-    from learn2steer.benchmarks.metrics import ChairEvaluator
+    from learn2steer.evaluation.tasks import score_chair_file
 
-    ev = ChairEvaluator.from_files(gt, synonyms)
-    caps, bad_lines = _read_keyed_jsonl(captions, "image_id", lambda r: r.get("caption"))
-    res = {**ev.evaluate(caps), "bad_lines": bad_lines}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    typer.echo(json.dumps(res, indent=1))
-    if res["empty"] or bad_lines:
-        typer.echo(f"note: {res['empty']} empty captions (counted, no objects) and {bad_lines} unreadable lines",
-                   err=True)
+    _guard(lambda: _write(out, score_chair_file(captions, gt, synonyms)))
 
 
+@app.command("export")
+def export(artifact: str = typer.Argument(..., help="A fixed artifact folder (or Hub repo id)."),
+           format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp / repeng control vector)."),
+           out: Path = typer.Option(..., help="Output file."),
+           scale: Optional[float] = typer.Option(None, help="Multiply the vector (default: the artifact's alpha)."),
+           model_hint: Optional[str] = typer.Option(None, help="HF model_type written as controlvector.model_hint.")
+           ) -> None:
+    """Export a fixed vector (Mean-S, Mean-S(BA), imported) as a llama.cpp control vector.
+
+    Example: `l2s export runs/art/mean --format gguf --out mean.gguf`, then
+    `llama-cli -m model.gguf --control-vector mean.gguf`.
+    """
+    def body() -> None:
+        from learn2steer.artifacts import SteeringArtifact
+        from learn2steer.errors import InvalidInputError
+        from learn2steer.interop import export_gguf
+
+        if format != "gguf":
+            raise InvalidInputError(f"unknown format {format!r}; only gguf is supported")
+        p = export_gguf(SteeringArtifact.load(artifact), out, scale=scale, hint=model_hint)
+        typer.echo(f"wrote {p}")
+
+    _guard(body)
+
+
+@app.command("import-official")
+def import_official(file: Path = typer.Argument(..., help="A released .pt predictor (../shared/data/official_l2s)."),
+                    model: str = typer.Option(..., help="llava-1.5-7b | qwen2-vl-7b"),
+                    task: str = typer.Option(..., help="safety | pope"),
+                    out: Path = typer.Option(..., help="Artifact folder to write.")) -> None:
+    """Turn one of the paper's released L2S predictors into a learn2steer artifact (official L*, L', alpha).
+
+    Example: `l2s import-official ../shared/data/official_l2s/llava_14_average_all_pope_train_-1.pt
+    --model llava-1.5-7b --task pope --out runs/official/llava-pope`
+    """
+    def body() -> None:
+        from learn2steer.interop import import_official as run
+
+        art = run(file, model=model, task=task)
+        art.save(out)
+        typer.echo(f"wrote {out}: L*={art.steer_layers}, L'={art.context_layer} ({art.context_read}), "
+                   f"alpha={art.alpha:g}, for {art.model}")
+
+    _guard(body)
+
+
+@app.command("import-vector")
+def import_vector(file: Path = typer.Argument(..., help="A control vector (.gguf), or {layer: tensor} "
+                                                        "(.safetensors / .pt, steering-vectors' layer_activations)."),
+                  model: str = typer.Option("default", help="The model it steers (local folder or 'default'): "
+                                                            "its shape is checked."),
+                  out: Path = typer.Option(..., help="Artifact folder to write."),
+                  alpha: float = typer.Option(1.0, help="Default strength stored in the artifact."),
+                  method: str = typer.Option("imported", help="Name recorded as the artifact's method.")) -> None:
+    """Import a repeng / steering-vectors / llama.cpp vector as a fixed learn2steer artifact.
+
+    Example: `l2s import-vector happy.gguf --model /models/mistral-7b --out runs/art/happy`
+    """
+    def body() -> None:
+        from learn2steer.interop import fixed_artifact, load_vector_file
+        from learn2steer.models.loading import model_shape
+
+        vec, _ = load_vector_file(file)
+        name, hidden, layers = model_shape(model)
+        fixed_artifact(vec, model=name, hidden_size=hidden, num_layers=layers, method=method, alpha=alpha,
+                       source=str(file)).save(out)
+        typer.echo(f"wrote {out}: layers {list(vec)}")
+
+    _guard(body)
+
+
+@app.command("push")
+def push(artifact: Path = typer.Argument(..., help="An artifact folder."),
+         repo_id: str = typer.Argument(..., help="Hub repo id, e.g. you/smollm2-l2s-safety."),
+         private: bool = typer.Option(False, help="Create the repo private.")) -> None:
+    """Upload an artifact folder to the Hugging Face Hub as a model repo (with its model card)."""
+    def body() -> None:
+        from learn2steer.artifacts import SteeringArtifact
+
+        typer.echo(f"pushed to {SteeringArtifact.load(artifact).push_to_hub(repo_id, private=private)}")
+
+    _guard(body)
+
+
+def main() -> None:
+    """Entry point of the ``l2s`` script."""
+    app(prog_name="l2s")

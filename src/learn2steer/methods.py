@@ -1,187 +1,207 @@
-"""Generate with any steering method: no steering, Prompt, Mean-S, Mean-S(BA), Norm-Rnd, P2S, L2S.
+"""The method registry and the settings of one steered run.
 
-A method turns a batch of examples into (prompt rows, a steering context). Fixed methods add one shared
-vector; P2S and Norm-Rnd add each row's own vector; L2S predicts each row's vector from the row's own
-context representation during the same prefill pass (L' <= L*) or after a read pass that stops at L'.
+Every method of the paper (and learn2steer's ``l2s_nogate`` switch) is one :class:`Method` entry that
+says how its vectors are obtained and whether it steers at all; the CLI, the evaluation grid and the
+tasks read this table instead of keeping their own lists. :class:`MethodConfig` is what an engine
+needs to answer under one method: the strength, the scope and the vectors, passed whole as a
+:class:`~learn2steer.vectors.SteeringVector` or as an L2S artifact.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from learn2steer.activations import Site, read
+from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
-from learn2steer.behaviours import Example
-from learn2steer.generation import generate
-from learn2steer.models.loading import ModelHandle
-from learn2steer.models.prompts import Batch, PromptRow, build_inputs
-from learn2steer.predictor import L2SNet
-from learn2steer.steering import Scope, StepState, steer
-from learn2steer.vectors import Extraction, norm_random
+from learn2steer.errors import InvalidInputError
+from learn2steer.steering import FixedVectors, Scope, VectorProvider
+from learn2steer.training import p2s_vectors
+from learn2steer.vectors import Extraction, SteeringVector, norm_random
 
-METHODS = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
+Source = Literal["nothing", "instruction", "artifact", "extraction"]
 
 
-@dataclass
-class L2SProvider:
-    """VectorProvider for same-pass L2S: read h at L' on the prefill, write g(h) at the steering layers."""
+@dataclass(frozen=True)
+class Method:
+    """One steering method: where its vectors come from and whether it changes activations at all.
 
-    net: L2SNet
-    context_layer: int
-    steer_layers: tuple[int, ...]
-    current: torch.Tensor | None = None
+    ``tuned_as``: when layer and strength are chosen on validation data, this method uses the choice
+    made for that method (Mean-S(BA) as Mean-S; P2S and Norm-Rnd at L2S's setting, so they are compared
+    at equal settings).
+    ``source``: ``nothing`` (no steering), ``instruction`` (the Prompt baseline: text, no vectors),
+    ``artifact`` (a trained artifact: ``artifact`` names which), ``extraction`` (per-input P2S vectors of
+    the very inputs being answered: an oracle that needs each input's contrastive answers).
+    """
+
+    name: str
+    paper_name: str
+    source: Source
+    artifact: str | None = None
+    gated: bool = True
+    tuned_as: str | None = None
+    summary: str = ""
 
     @property
-    def observe_layers(self) -> tuple[int, ...]:
-        return (self.context_layer,)
+    def steers(self) -> bool:
+        return self.source in ("artifact", "extraction")
 
     @property
-    def write_layers(self) -> tuple[int, ...]:
-        return self.steer_layers
+    def per_input(self) -> bool:
+        """Needs vectors of the test inputs themselves (P2S, Norm-Rnd)."""
+        return self.source == "extraction"
 
-    def observe(self, layer: int, hidden: torch.Tensor, state: StepState) -> None:
-        if state.is_prefill:
-            # under left padding the last column of the prefill is every row's last prompt token
-            with torch.no_grad():
-                self.current = self.net.to(hidden.device)(hidden[:, -1].float())
 
-    def vector(self, layer: int, state: StepState) -> torch.Tensor | None:
-        return self.current
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("no_steering", "No steering", "nothing", summary="the model as it is"),
+    Method("prompt", "Prompt", "instruction", summary="the behaviour's instruction added to the prompt"),
+    Method("mean", "Mean-S", "artifact", "mean", summary="one mean P2S vector for every input (CAA)"),
+    Method("mean_ba", "Mean-S(BA)", "artifact", "mean_ba", tuned_as="mean",
+           summary="one mean vector with a single behaviour template for every input"),
+    Method("norm_random", "Norm-Rnd", "extraction", tuned_as="l2s",
+           summary="a random direction per input with the norm of its P2S vector"),
+    Method("l2s", "L2S", "artifact", "l2s", summary="the learned predictor g(h) of each input's own vector"),
+    Method("l2s_nogate", "L2S (no gate)", "artifact", "l2s", gated=False, tuned_as="l2s",
+           summary="L2S without the learned norm gate (the paper's L2S when the artifact has a gate)"),
+    Method("p2s", "P2S", "extraction", tuned_as="l2s", summary="each input's own P2S vector (oracle)"),
+)}
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+PAPER_METHODS: tuple[str, ...] = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name``; an unknown name is a clear error listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InvalidInputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
 @dataclass
 class MethodConfig:
-    """How to steer: the method, its strength and where; vectors come from artifacts or per-row maps."""
+    """How to answer: the method, its strength and scope, and its vectors.
+
+    Exactly one vector source is set for a steering method: ``vector`` (a fixed [D]-per-layer vector, or
+    per-input [N, D] vectors whose rows belong to ``row_ids``) or ``artifact`` (an L2S artifact).
+    """
 
     method: str = "no_steering"
     alpha: float = 1.0
-    steer_layers: Sequence[int] = ()
     scope: Scope | str = Scope.ALL
-    fixed: torch.Tensor | None = None                       # mean / mean_ba
-    per_example: Mapping[str, torch.Tensor] = field(default_factory=dict)  # p2s / norm_random: id -> [D]
-    predictor: L2SNet | None = None                         # l2s
-    context_layer: int | None = None                        # l2s
-    prompt: str = ""                                        # prompt baseline instruction
-    prompt_placement: str = "system"                        # "system" or "user"
+    vector: SteeringVector | None = None
+    row_ids: list[str] | None = None
+    artifact: SteeringArtifact | None = None
+    gated: bool = True
+    prompt: str = ""
+    prompt_placement: str = "system"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("mean", "mean_ba", "norm_random", "p2s", "l2s") and not self.steer_layers:
-            raise ValueError(f"method {self.method!r} needs steer_layers")
-        if self.method in ("mean", "mean_ba") and self.fixed is None:
-            raise ValueError(f"method {self.method!r} needs a fixed vector (train it with `l2s train`)")
-        if self.method == "l2s" and (self.predictor is None or self.context_layer is None):
-            raise ValueError("method 'l2s' needs a trained predictor and its context layer")
-        if self.method == "prompt" and not self.prompt:
-            raise ValueError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
+        m = method(self.method)
+        if not math.isfinite(float(self.alpha)):
+            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
+        self.scope = Scope.parse(self.scope)
+        if m.source == "instruction" and not self.prompt:
+            raise InvalidInputError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
         if self.prompt_placement not in ("system", "user"):
-            raise ValueError("prompt_placement must be 'system' or 'user'")
+            raise InvalidInputError("prompt_placement must be 'system' or 'user'")
+        if not m.steers:
+            return
+        if (self.vector is None) == (self.artifact is None or self.artifact.kind != "l2s"):
+            raise InvalidInputError(f"method {self.method!r} needs either a steering vector or an L2S artifact "
+                                    "(train them with `l2s train`)")
+        if self.vector is not None and self.vector.per_row:
+            if self.row_ids is None or len(self.row_ids) != self.vector.num_rows:
+                raise InvalidInputError("per-input vectors need row_ids naming the input of every row")
+
+    @property
+    def info(self) -> Method:
+        return method(self.method)
+
+    @property
+    def steers(self) -> bool:
+        return self.info.steers
 
     @classmethod
-    def from_artifact(cls, art: SteeringArtifact, *, alpha: float | None = None, scope: str | None = None
-                      ) -> "MethodConfig":
-        common = dict(alpha=art.alpha if alpha is None else alpha, steer_layers=art.steer_layers,
-                      scope=scope or art.scope)
+    def from_artifact(cls, art: SteeringArtifact, *, alpha: float | None = None, scope: str | None = None,
+                      gated: bool = True) -> "MethodConfig":
+        """Steer with a saved artifact at its stored (or the given) strength and scope."""
+        common: dict[str, Any] = dict(alpha=art.alpha if alpha is None else alpha, scope=scope or art.scope)
         if art.kind == "l2s":
-            return cls(method="l2s", predictor=art.predictor, context_layer=art.context_layer, **common)
-        return cls(method=art.method, fixed=art.vectors[art.steer_layers[0]], **common)
+            return cls(method="l2s" if gated else "l2s_nogate", artifact=art, gated=gated, **common)
+        name = art.method if art.method in METHODS and METHODS[art.method].source == "artifact" else "mean"
+        return cls(method=name, vector=art.vector, **common)
+
+    def provider_for(self, example_ids: Sequence[str]) -> VectorProvider | None:
+        """The steering provider for a batch of ``example_ids`` (None when the method does not steer)."""
+        if not self.steers:
+            return None
+        if self.artifact is not None and self.artifact.kind == "l2s":
+            return self.artifact.provider(gated=self.gated)
+        assert self.vector is not None
+        if not self.vector.per_row:
+            return FixedVectors(self.vector)
+        pos = {i: k for k, i in enumerate(self.row_ids or [])}
+        missing = [i for i in example_ids if i not in pos]
+        if missing:
+            raise InvalidInputError(f"method {self.method!r} needs a vector for every input; missing {missing[:3]} "
+                                    "(extract P2S vectors for the evaluation inputs first)")
+        return FixedVectors(self.vector.rows([pos[i] for i in example_ids]))
 
 
-def config_for(method: str, *, alpha: float = 1.0, layer: int | None = None, scope: Scope | str = Scope.ALL,
+def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
-               prompt: str = "", seed: int = 0) -> MethodConfig:
-    """The MethodConfig of ``method`` from trained artifacts (mean, mean_ba, l2s) or, for the per-input
-    methods (p2s, norm_random), from an extraction of the inputs being answered."""
-    if method in ("no_steering", "prompt"):
-        return MethodConfig(method=method, prompt=prompt)
-    if layer is None:
-        raise ValueError(f"method {method!r} needs a steering layer")
-    common: dict = dict(method=method, alpha=alpha, steer_layers=[layer], scope=scope)
-    if method in ("mean", "mean_ba", "l2s"):
-        if not artifacts or method not in artifacts:
-            raise ValueError(f"method {method!r} needs its trained artifact (run `l2s train`)")
-        art = artifacts[method]
-        if method == "l2s":
-            return MethodConfig(predictor=art.predictor, context_layer=art.context_layer, **common)
-        return MethodConfig(fixed=art.vectors[layer], **common)
-    if extraction is None:
-        raise ValueError(f"method {method!r} needs P2S vectors of the inputs it answers (an extraction)")
-    z = extraction.z[layer]
-    vecs = z if method == "p2s" else norm_random(z, seed=seed)
-    return MethodConfig(per_example=dict(zip(extraction.ids, vecs)), **common)
+               layer: int | None = None, prompt: str = "", seed: int = 0) -> MethodConfig:
+    """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
+    for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered."""
+    m = method(name)
+    if m.source == "nothing":
+        return MethodConfig(method=name)
+    if m.source == "instruction":
+        return MethodConfig(method=name, prompt=prompt)
+    arts = artifacts or {}
+    if m.source == "artifact":
+        art = arts.get(m.artifact or "")
+        if art is None:
+            raise InvalidInputError(f"method {name!r} needs its trained {m.artifact!r} artifact (run `l2s train`)")
+        if art.kind == "l2s":
+            return MethodConfig(method=name, alpha=alpha, scope=scope, artifact=art, gated=m.gated)
+        return MethodConfig(method=name, alpha=alpha, scope=scope, vector=art.vector)
+    if extraction is None or layer is None:
+        raise InvalidInputError(f"method {name!r} needs P2S vectors of the inputs it answers (an extraction) "
+                                "and the steering layer")
+    z = p2s_vectors(extraction, layer, arts.get("l2s"))
+    vecs = z if name == "p2s" else norm_random(z, seed=seed)
+    return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids))
 
 
 def fingerprint(cfg: MethodConfig) -> str:
-    """A hash of everything that determines a method's generations (settings and tensor contents)."""
-    h = hashlib.sha256(json.dumps([cfg.method, cfg.alpha, list(cfg.steer_layers), str(Scope(cfg.scope).value),
-                                   cfg.context_layer, cfg.prompt if cfg.method == "prompt" else "",
-                                   cfg.prompt_placement]).encode())
+    """A hash of everything that determines a method's answers (settings and tensor contents)."""
     tensors: list[torch.Tensor] = []
-    if cfg.fixed is not None:
-        tensors.append(cfg.fixed)
-    tensors += [cfg.per_example[k] for k in sorted(cfg.per_example)]
-    if cfg.predictor is not None:
-        tensors += [v for _, v in sorted(cfg.predictor.state_dict().items())]
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    art = cfg.artifact
+    layers: list[int] = []
+    if cfg.vector is not None:
+        tensors += [v for _, v in cfg.vector.items()]
+        layers = list(cfg.vector)
+    if art is not None and art.predictor is not None:
+        tensors += [v for _, v in sorted(art.predictor.state_dict().items())]
+        layers = list(art.steer_layers)
+    return _fingerprint(cfg.method, cfg.alpha, Scope.parse(cfg.scope).value, layers,
+                        art.context_layer if art is not None else None,
+                        art.context_read if art is not None else None,
+                        art.gate if art is not None and cfg.gated else 0.0,
+                        cfg.row_ids, cfg.prompt if cfg.method == "prompt" else "", cfg.prompt_placement,
+                        tensors=tensors)
 
 
-def _rows(cfg: MethodConfig, examples: Sequence[Example]) -> list[PromptRow]:
+def prompt_rows(cfg: MethodConfig, examples: Sequence[Any]) -> list[Any]:
+    """The prompt rows of ``examples`` under ``cfg`` (the Prompt baseline adds its instruction)."""
+    from learn2steer.models.prompts import PromptRow
+
     if cfg.method != "prompt":
         return [PromptRow(e.question, e.image) for e in examples]
     if cfg.prompt_placement == "system":
         return [PromptRow(e.question, e.image, system=cfg.prompt) for e in examples]
     return [PromptRow(f"{cfg.prompt}\n\n{e.question}", e.image) for e in examples]
-
-
-def steering_context(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example],
-                     batch: Batch | None = None) -> AbstractContextManager:
-    """The steering context for one batch of ``examples`` under ``cfg`` (no-op for unsteered methods).
-
-    ``batch`` is the encoded batch about to be generated (built here when omitted).
-    """
-    layers = [handle.check_layer(x) for x in cfg.steer_layers]
-    if cfg.method in ("no_steering", "prompt"):
-        return nullcontext()
-    if cfg.method in ("mean", "mean_ba"):
-        return steer(handle, {layer: cfg.fixed for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)  # type: ignore[misc]
-    if cfg.method in ("p2s", "norm_random"):
-        missing = [e.id for e in examples if e.id not in cfg.per_example]
-        if missing:
-            raise KeyError(f"method {cfg.method!r} needs a vector for every input; missing {missing[:3]} "
-                           "(extract P2S vectors for the evaluation inputs first)")
-        v = torch.stack([cfg.per_example[e.id] for e in examples])
-        return steer(handle, {layer: v for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)
-    assert cfg.predictor is not None and cfg.context_layer is not None
-    ctx = handle.check_layer(cfg.context_layer)
-    if ctx <= min(layers):
-        return steer(handle, L2SProvider(cfg.predictor, ctx, tuple(layers)), alpha=cfg.alpha, scope=cfg.scope)
-    # L' > L*: writing at L* would change what L' sees, so read h first in a pass that stops at L'
-    if batch is None:
-        batch = build_inputs(handle, _rows(cfg, examples))
-    h = read(handle, batch, [Site(ctx, "prompt_last")])[Site(ctx, "prompt_last")]
-    with torch.no_grad():
-        v = cfg.predictor(h)
-    return steer(handle, {layer: v for layer in layers}, alpha=cfg.alpha, scope=cfg.scope)
-
-
-def generate_with(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example], *, batch_size: int = 8,
-                  max_new_tokens: int = 64, progress: bool = True, **gen_kwargs: object) -> list[str]:
-    """Answer ``examples`` under one method, in batches; returns one string per example, in order."""
-    out: list[str] = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
-                  leave=False):
-        chunk = examples[i:i + batch_size]
-        batch = build_inputs(handle, _rows(cfg, chunk))
-        with steering_context(handle, cfg, chunk, batch):
-            out.extend(generate(handle, batch, max_new_tokens=max_new_tokens, **gen_kwargs))  # type: ignore[arg-type]
-    return out

@@ -1,24 +1,39 @@
-"""The L2S predictor g: context representation h_X -> steering vector z_X.
+"""The L2S predictor g: context representation h_X -> steering vector z_X, and its training.
 
-g is Linear(D_in, K) -> Tanh -> Linear(K, D, no bias), trained with MSE (plus optional L1 and cosine
-terms, as in the official code) on cached vectors only: no model is loaded, training takes seconds.
-Inputs are standardised with training-set statistics stored in the network, because raw residual
-streams have large, layer-dependent norms that saturate tanh.
+g is Linear(D_in, K) -> Tanh -> Linear(K, D, no bias), trained on cached vectors only: no model is
+loaded, training takes seconds. :class:`TrainConfig`'s defaults are the official code's safety settings
+(K=100, Adam at 1e-4 without weight decay, MSE + L1 - 0.1 cosine, 100 epochs, batch 64, raw inputs);
+the paper's POPE settings differ (lr 5e-5, cosine schedule with 50 warm-up epochs, SVD decoder init)
+and ship in the POPE configs. Two options go beyond the paper and are off by default: input
+standardisation (stored in the net) and a norm gate (:class:`Gated`), chosen on validation data.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import trange
 
+from learn2steer.errors import InvalidInputError
+
+DecoderInit = Literal["random", "svd", "dictionary"]
+Schedule = Literal["constant", "cosine"]
+
 
 class L2SNet(nn.Module):
-    """Linear(D_in, K) -> Tanh -> Linear(K, D_out, bias=False), with stored input standardisation."""
+    """Linear(D_in, K) -> Tanh -> Linear(K, D_out, bias=False), with an optional stored input standardisation.
+
+    ``in_mean`` / ``in_std`` are 0 / 1 (identity) unless training standardised the inputs, so the paper's
+    predictors (raw hidden states in) load unchanged.
+    """
+
+    in_mean: torch.Tensor
+    in_std: torch.Tensor
 
     def __init__(self, d_in: int, d_out: int, hidden: int = 100) -> None:
         super().__init__()
@@ -26,9 +41,6 @@ class L2SNet(nn.Module):
         self.decoder = nn.Linear(hidden, d_out, bias=False)
         self.register_buffer("in_mean", torch.zeros(d_in))
         self.register_buffer("in_std", torch.ones(d_in))
-        # Optional norm gate (beyond the paper): predictions shorter than ``gate`` become exactly zero, so
-        # inputs the net maps near zero (benign ones, when trained with zero targets) are left untouched.
-        self.register_buffer("gate", torch.zeros(()))
 
     @property
     def d_in(self) -> int:
@@ -38,48 +50,108 @@ class L2SNet(nn.Module):
     def d_out(self) -> int:
         return self.decoder.out_features
 
+    @property
+    def hidden(self) -> int:
+        return self.encoder.out_features
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = (h.to(self.in_mean.dtype) - self.in_mean) / self.in_std
-        v = self.decoder(torch.tanh(self.encoder(x)))
-        if self.gate > 0:
-            v = v * (v.norm(dim=-1, keepdim=True) >= self.gate)
-        return v
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+    def check_finite(self) -> None:
+        """Refuse NaN / inf weights: they would make every steered answer garbage (or empty)."""
+        bad = [k for k, v in self.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise InvalidInputError(f"the L2S predictor has NaN or inf values in {bad}; retrain it or restore the file")
+
+
+class Gated(nn.Module):
+    """``net(h)``, with predictions shorter than ``threshold`` set to exactly zero (beyond the paper).
+
+    Trained with zero targets for inputs to leave alone, g maps them near zero; the gate makes "near"
+    exact, so those inputs are not steered at all. The threshold is a training output (chosen on
+    validation data), stored in the artifact, and switched off by the ``l2s_nogate`` method.
+    """
+
+    def __init__(self, net: nn.Module, threshold: float) -> None:
+        super().__init__()
+        self.net = net
+        self.threshold = float(threshold)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        v = self.net(h)
+        return v * (v.norm(dim=-1, keepdim=True) >= self.threshold)
 
 
 @dataclass
 class TrainConfig:
-    """L2S training settings; defaults follow the paper (K=100, Adam, cosine schedule, 100 epochs)."""
+    """L2S training settings; defaults follow the official code's safety run (see the module doc)."""
 
     hidden: int = 100
     epochs: int = 100
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch_size: int = 64
     weight_decay: float = 0.0
     val_fraction: float = 0.1
     seed: int = 0
-    l1: float = 0.0
-    cosine: float = 0.0
-    svd_init: bool = False
-    standardize: bool = True
+    mse: float = 1.0
+    l1: float = 1.0
+    cosine: float = 0.1
+    schedule: Schedule = "constant"
+    warmup_epochs: int = 0
+    decoder_init: DecoderInit = "random"
+    standardize: bool = False
+    keep: Literal["best", "last"] = "best"
     threads: int | None = None
 
-    def to_dict(self) -> dict:
+    def __post_init__(self) -> None:
+        for name in ("hidden", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidInputError(f"training setting {name} must be a whole number >= 1, got {v!r}")
+        for name in ("lr", "weight_decay", "mse", "l1", "cosine"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidInputError(f"training setting {name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise InvalidInputError(f"learning rate must be > 0, got {self.lr!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise InvalidInputError(f"val_fraction must be in [0, 1) so that some examples are left to train on, "
+                                    f"got {self.val_fraction!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise InvalidInputError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.decoder_init not in ("random", "svd", "dictionary"):
+            raise InvalidInputError(f"decoder_init must be random, svd or dictionary, got {self.decoder_init!r}")
+        if self.keep not in ("best", "last"):
+            raise InvalidInputError(f"keep must be best or last, got {self.keep!r}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise InvalidInputError(f"warmup_epochs must be between 0 and epochs, got {self.warmup_epochs!r}")
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring keys this version does not know (older / newer artifacts)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
 class TrainResult:
+    """The trained net, where its validation loss was best, the loss history and the split used."""
+
     net: L2SNet
     best_epoch: int
     best_val_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
-    train_ids: list[int] = field(default_factory=list)
-    val_ids: list[int] = field(default_factory=list)
+    train_idx: list[int] = field(default_factory=list)
+    val_idx: list[int] = field(default_factory=list)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         last = self.history[self.best_epoch] if self.history else {}
-        return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss, **{f"best_{k}": v for k, v in
-                                                                                      last.items() if k != "epoch"}}
+        return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+                **{f"best_{k}": v for k, v in last.items() if k != "epoch"}}
 
 
 def choose_gate(pred_norms: torch.Tensor, steer: torch.Tensor) -> float:
@@ -99,86 +171,127 @@ def choose_gate(pred_norms: torch.Tensor, steer: torch.Tensor) -> float:
     return float((best_t + lower.max().item()) / 2) if len(lower) else float(best_t)
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    loss = F.mse_loss(pred, target)
+def loss_terms(pred: torch.Tensor, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The official objective: mse * MSE + l1 * L1 - cosine * cos(pred, target), each averaged over rows."""
+    loss = cfg.mse * F.mse_loss(pred, target)
     if cfg.l1:
         loss = loss + cfg.l1 * F.l1_loss(pred, target)
     if cfg.cosine:
-        loss = loss + cfg.cosine * (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)).mean()
+        loss = loss - cfg.cosine * F.cosine_similarity(pred, target, dim=-1).mean()
     return loss
 
 
-@torch.no_grad()
-def evaluate(net: L2SNet, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """MSE, mean cosine similarity and relative error of predictions (on any held-out set)."""
-    pred = net(features.float())
-    t = targets.float()
-    nonzero = t.norm(dim=-1) > 0
-    cos = F.cosine_similarity(pred[nonzero], t[nonzero], dim=-1).mean().item() if bool(nonzero.any()) else float("nan")
-    rel = ((pred - t).norm() / t.norm().clamp_min(1e-12)).item()
-    return {"mse": F.mse_loss(pred, t).item(), "cosine": cos, "rel_error": rel}
+def _init_decoder(net: L2SNet, targets: torch.Tensor, cfg: TrainConfig) -> None:
+    """Start the decoder's columns at the targets' principal directions (SVD) or dictionary atoms."""
+    k = cfg.hidden
+    if cfg.decoder_init == "svd":
+        centred = targets - targets.mean(0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        atoms = torch.zeros(k, targets.shape[1])
+        n = min(k, vh.shape[0])
+        atoms[:n] = vh[:n]
+    elif cfg.decoder_init == "dictionary":
+        try:
+            from sklearn.decomposition import DictionaryLearning
+        except ImportError:
+            raise InvalidInputError("decoder_init='dictionary' (the paper's safety setting) needs scikit-learn: "
+                                    "pip install 'learn2steer[paper]'") from None
+        dl = DictionaryLearning(n_components=k, positive_code=True, fit_algorithm="cd",
+                                transform_algorithm="lasso_cd", max_iter=5000, random_state=cfg.seed)
+        dl.fit(targets.double().numpy())
+        atoms = torch.as_tensor(dl.components_, dtype=torch.float32)
+    else:
+        return
+    with torch.no_grad():
+        net.decoder.weight.copy_(atoms.T)
 
 
 def fit(features: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig | None = None, *,
         progress: bool = True) -> TrainResult:
-    """Train g on (h_X, z_X) pairs with a seeded train/validation split; keep the best-validation weights."""
+    """Train g on (h_X, z_X) pairs with a seeded train/validation split.
+
+    Keeps the best-validation weights (``keep="best"``) or the last epoch's (``keep="last"``, as the
+    official safety run). Leaves no trace outside: the global RNG state and the thread count are
+    restored, whatever happens.
+    """
     cfg = cfg or TrainConfig()
+    if features.dim() != 2 or targets.dim() != 2:
+        raise InvalidInputError(f"features and targets must be [N, D], got {tuple(features.shape)} and "
+                                f"{tuple(targets.shape)}")
     if features.shape[0] != targets.shape[0]:
-        raise ValueError(f"features have {features.shape[0]} rows but targets {targets.shape[0]}")
+        raise InvalidInputError(f"features have {features.shape[0]} rows but targets {targets.shape[0]}")
     n = features.shape[0]
     if n < 2:
-        raise ValueError("L2S training needs at least 2 examples")
+        raise InvalidInputError(f"L2S training needs at least 2 examples, got {n}")
+    for name, t in (("features", features), ("targets", targets)):
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(f"the training {name} contain NaN or inf values; re-extract them (a float16 "
+                                    "model can overflow: try dtype float32 or bfloat16)")
+    n_val = max(1, int(round(n * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise InvalidInputError(f"val_fraction {cfg.val_fraction} leaves no training examples out of {n}")
     old_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        g = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        perm = torch.randperm(n, generator=g)
-        n_val = max(1, int(round(n * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
-        x, y = features.float(), targets.float()
-        xt, yt = x[tr_idx], y[tr_idx]
-        xv, yv = (x[val_idx], y[val_idx]) if n_val else (xt, yt)
-        net = L2SNet(x.shape[1], y.shape[1], cfg.hidden)
-        if cfg.standardize:
-            net.in_mean.copy_(xt.mean(0))
-            net.in_std.copy_(xt.std(0).clamp_min(1e-6) if len(xt) > 1 else torch.ones(x.shape[1]))
-        if cfg.svd_init:
-            # decoder columns start as the top principal directions of the targets (scaled by their spread)
-            k = min(cfg.hidden, min(yt.shape))
-            _, s, vh = torch.linalg.svd(yt, full_matrices=False)
-            with torch.no_grad():
-                net.decoder.weight.zero_()
-                net.decoder.weight[:, :k] = (vh[:k].T * (s[:k] / math.sqrt(len(yt))))
-        try:  # the fused kernel halves the optimiser's share of a step on CPU as well as GPU
-            opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        except (RuntimeError, TypeError):
-            opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-        best = (float("inf"), -1, None)
-        history: list[dict[str, float]] = []
-        for epoch in trange(cfg.epochs, desc="L2S training", disable=not progress, leave=False):
-            net.train()
-            order = torch.randperm(len(xt), generator=g)
-            total = torch.zeros(())
-            for i in range(0, len(xt), cfg.batch_size):
-                b = order[i:i + cfg.batch_size]
-                loss = _loss(net(xt[b]), yt[b], cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(b)
-            net.eval()
-            with torch.no_grad():
-                val = _loss(net(xv), yv, cfg).item()
-            history.append({"epoch": epoch, "train_loss": total.item() / len(xt), "val_loss": val})
-            if val < best[0]:
-                best = (val, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
-        net.load_state_dict(best[2])  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            return _fit(features.float(), targets.float(), cfg, n_val, progress)
+        finally:
+            torch.set_num_threads(old_threads)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, n_val: int, progress: bool) -> TrainResult:
+    torch.manual_seed(cfg.seed)  # inside fork_rng: the caller's global RNG is restored afterwards
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=g)
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    xt, yt = x[tr_idx], y[tr_idx]
+    xv, yv = (x[val_idx], y[val_idx]) if n_val else (xt, yt)
+    net = L2SNet(x.shape[1], y.shape[1], cfg.hidden)
+    if cfg.standardize:
+        net.in_mean.copy_(xt.mean(0))
+        net.in_std.copy_(xt.std(0).clamp_min(1e-6) if len(xt) > 1 else torch.ones(x.shape[1]))
+    _init_decoder(net, yt, cfg)
+    try:  # the fused kernel halves the optimiser's share of a step on CPU as well as GPU
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (float("inf"), -1, {})
+    history: list[dict[str, float]] = []
+    for epoch in trange(cfg.epochs, desc="L2S training", disable=not progress, leave=False):
+        net.train()
+        order = torch.randperm(len(xt), generator=g)
+        running = torch.zeros(())
+        for i in range(0, len(xt), cfg.batch_size):
+            b = order[i:i + cfg.batch_size]
+            loss = loss_terms(net(xt[b]), yt[b], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.detach() * len(b)
         net.eval()
-        return TrainResult(net, best[1], best[0], history, tr_idx.tolist(), val_idx.tolist())
-    finally:
-        torch.set_num_threads(old_threads)
+        with torch.no_grad():
+            val = loss_terms(net(xv), yv, cfg).item()
+        train_loss = running.item() / len(xt)
+        if not math.isfinite(train_loss):
+            raise InvalidInputError(f"L2S training diverged at epoch {epoch} (loss {train_loss}); lower the "
+                                    f"learning rate (now {cfg.lr})")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val})
+        if cfg.keep == "last" or val < best[0]:
+            best = (val, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
+    net.load_state_dict(best[2])
+    net.eval()
+    return TrainResult(net, best[1], best[0], history, tr_idx.tolist(), val_idx.tolist())

@@ -1,29 +1,43 @@
 """Add vectors to the residual stream during forward passes and ``generate``.
 
-One forward pre-hook on the top-level model learns, for every call, how many positions are already in
-the KV cache and which current columns are padding; per-layer forward hooks then add ``alpha * v`` only
-at the positions the :class:`Scope` selects. Masks are built by pure functions (:func:`scope_mask`), so
-they can be tested without a model. Everything lives inside a context manager that removes its hooks
-on exit, exceptions included.
+Three pieces, each testable alone:
+
+* **Position rules** (pure functions): :func:`scope_selects` says which absolute positions of a sequence
+  a :class:`Scope` steers, given where the prompt ends; :func:`step_mask` turns that into the columns
+  of one forward call of a left-padded batch (padding excluded, KV-cache offset applied). The vLLM
+  engine uses the same :func:`scope_selects` on its flattened tokens, so both engines agree.
+* **Providers**: :class:`FixedVectors` (a :class:`~learn2steer.vectors.SteeringVector`) and
+  :class:`PredictedVectors` (any callable from a context hidden state to a vector: the L2S predictor,
+  but the engine never needs to know that).
+* :func:`steer`: a context manager that installs one pre-hook on the model (to learn each call's cache
+  offset) and one hook per involved decoder layer, and removes them all on exit, exceptions included.
+
+Where the prompt ends is taken from the :class:`~learn2steer.models.prompts.Batch` being generated,
+never guessed from "the first call without cache": that guess is wrong without a KV cache, with chunked
+prefill and when generation starts from an existing cache.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from learn2steer.activations import layer_output
+from learn2steer.errors import InvalidInputError
 from learn2steer.models.loading import ModelHandle
+from learn2steer.models.prompts import Batch
+from learn2steer.vectors import SteeringVector
 
 
 class Scope(str, Enum):
     """Which positions a steering write touches.
 
-    ``all``: every non-padding position, prompt and generated.
+    ``all``: every position, prompt and generated (the paper's setting).
     ``prompt``: prompt positions only (no effect on tokens fed back during decoding).
     ``generated``: the positions that produce new tokens: the last prompt token (its output is the first
     generated token) and every generated token after it.
@@ -33,101 +47,194 @@ class Scope(str, Enum):
     PROMPT = "prompt"
     GENERATED = "generated"
 
+    @classmethod
+    def parse(cls, value: "Scope | str") -> "Scope":
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInputError(f"unknown scope {value!r}; choose one of all, prompt, generated") from None
+
+
+# ---- position rules (pure) ------------------------------------------------------------------------------
+
+def scope_selects(scope: Scope | str, positions: torch.Tensor, prompt_len: torch.Tensor | int) -> torch.Tensor:
+    """Bool mask: which ``positions`` (absolute, 0-based, in one sequence) ``scope`` steers.
+
+    ``prompt_len`` is the number of prompt tokens (broadcast against ``positions``). This is the one
+    definition of the prompt boundary that both engines use.
+
+    >>> scope_selects("generated", torch.arange(5), 3).tolist()
+    [False, False, True, True, True]
+    """
+    scope = Scope.parse(scope)
+    if scope is Scope.ALL:
+        return torch.ones_like(positions, dtype=torch.bool)
+    if scope is Scope.PROMPT:
+        return positions < prompt_len
+    return positions >= torch.as_tensor(prompt_len) - 1
+
+
+def step_mask(scope: Scope | str, real: torch.Tensor, past_len: int, cur_len: int, rows: int | None = None
+              ) -> torch.Tensor:
+    """Bool ``[rows, cur_len]``: the columns of one forward call to steer.
+
+    ``real`` is the prompt's ``[B, P]`` attention mask (True = token, False = left padding); columns are
+    absolute (``past_len + j``). Under left padding, column ``c`` of a row is its token ``c - pad`` and
+    the row's prompt has ``P - pad`` tokens, so the scope test on columns equals the test on each row's
+    own positions; columns at or past ``P`` are generated tokens and always real. ``rows`` larger than
+    ``B`` (beam search, several return sequences) repeats each row's mask ``rows // B`` times, as
+    ``generate`` repeats the inputs.
+    """
+    b, p = real.shape
+    rows = rows or b
+    if rows % b:
+        raise InvalidInputError(f"the model batch has {rows} rows but the prompt batch {b}; steering cannot "
+                                "align them")
+    cols = past_len + torch.arange(cur_len, device=real.device)
+    in_prompt = cols < p
+    pad_ok = torch.where(in_prompt[None, :], real[:, cols.clamp(max=p - 1)], torch.ones((), dtype=torch.bool,
+                                                                                      device=real.device))
+    mask = pad_ok & scope_selects(scope, cols, p)[None, :]
+    return mask.repeat_interleave(rows // b, dim=0) if rows != b else mask
+
+
+# ---- what steer knows about the running sequences ------------------------------------------------------
 
 @dataclass
-class StepState:
-    """What one forward call looks like: filled by the top-level pre-hook, read by the layer hooks."""
+class Layout:
+    """The prompt batch being generated: its length (the boundary column), padding and read columns."""
 
-    past_len: int = 0
-    cur_len: int = 0
-    prompt_len: int = 0
-    attention: torch.Tensor | None = None  # [B, cur] bool, True = real token
-    mask: torch.Tensor | None = None  # [B, cur] scope mask of this step, built once, shared by layers
+    prompt_len: int
+    real: torch.Tensor                  # [B, P] bool
+    read_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # position name -> [B] columns
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.past_len == 0
+    @classmethod
+    def of(cls, batch: Batch) -> "Layout":
+        if bool((batch.span_end > batch.span_start).any()):
+            raise InvalidInputError("steering a generation needs a batch of prompts without teacher-forced "
+                                    "completions")
+        cols = {"prompt_last": batch.prompt_last.cpu()}
+        if batch.input_last is not None:
+            cols["input_last"] = batch.input_last.cpu()
+        return cls(prompt_len=batch.seq_len, real=batch.inputs["attention_mask"].bool().cpu(), read_columns=cols)
 
 
-def scope_mask(scope: Scope | str, attention: torch.Tensor, past_len: int, prompt_len: int) -> torch.Tensor:
-    """Bool [B, cur] mask of the current columns to steer.
+@dataclass
+class Step:
+    """One forward call: how many positions are already cached, how many are new, how many rows."""
 
-    Columns are absolute (``past_len + j``); with left padding every row's prompt ends at column
-    ``prompt_len - 1``, so prompt/generated is a column test and padding is excluded by ``attention``.
-    """
-    scope = Scope(scope)
-    cols = past_len + torch.arange(attention.shape[1], device=attention.device)
-    if scope is Scope.ALL:
-        sel = torch.ones_like(cols, dtype=torch.bool)
-    elif scope is Scope.PROMPT:
-        sel = cols < prompt_len
-    else:
-        sel = cols >= prompt_len - 1
-    return attention & sel[None, :]
+    past_len: int
+    cur_len: int
+    rows: int
+    layout: Layout
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # per device, built once per call
+
+    def contains(self, column: int) -> bool:
+        return self.past_len <= column < self.past_len + self.cur_len
 
 
 class VectorProvider(Protocol):
-    """Supplies the vector to add at a layer; may observe earlier layers of the same pass (L2S)."""
+    """Supplies the vector to add at a layer; may read an earlier (or the same) layer of the pass first."""
 
-    observe_layers: tuple[int, ...]
-    write_layers: tuple[int, ...]
+    @property
+    def read_layers(self) -> tuple[int, ...]: ...
 
-    def observe(self, layer: int, hidden: torch.Tensor, state: StepState) -> None: ...
+    @property
+    def write_layers(self) -> tuple[int, ...]: ...
 
-    def vector(self, layer: int, state: StepState) -> torch.Tensor | None: ...
+    def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None: ...
+
+    def vector(self, layer: int, step: Step) -> torch.Tensor | None: ...
 
 
 @dataclass
 class FixedVectors:
-    """Fixed vectors per layer: [D] shared by every row, or [B, D] one per batch row."""
+    """Fixed vectors: a :class:`SteeringVector` (``[D]`` shared, or ``[B, D]`` one per prompt row)."""
 
-    vectors: Mapping[int, torch.Tensor]
-    observe_layers: tuple[int, ...] = ()
+    vectors: SteeringVector
+
+    @property
+    def read_layers(self) -> tuple[int, ...]:
+        return ()
 
     @property
     def write_layers(self) -> tuple[int, ...]:
         return tuple(self.vectors)
 
-    def observe(self, layer: int, hidden: torch.Tensor, state: StepState) -> None:  # pragma: no cover
-        pass
+    def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        return None
 
-    def vector(self, layer: int, state: StepState) -> torch.Tensor | None:
-        return self.vectors.get(layer)
+    def vector(self, layer: int, step: Step) -> torch.Tensor | None:
+        return self.vectors.layers.get(layer)
+
+
+@runtime_checkable
+class _HasParameters(Protocol):
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+
+@dataclass
+class PredictedVectors:
+    """Input-dependent vectors: ``predict(h)`` of each row's context hidden state, added at the steering layers.
+
+    ``h`` is the output of block ``context_layer`` at ``read`` (``prompt_last``: the last prompt token,
+    generation prompt included; ``input_last``: the last token of the user turn before the generation
+    prompt). It is read in whichever forward call contains that column, before any write of this pass at
+    the same layer, so a steering layer at or after the context layer sees the unsteered state; the
+    vector is then reused for every later step. ``predict`` runs on its own device (the input is moved
+    there and the output back), so a predictor is never moved in place.
+    """
+
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    context_layer: int
+    steer_layers: tuple[int, ...]
+    read: str = "prompt_last"
+    current: torch.Tensor | None = None
+
+    @property
+    def read_layers(self) -> tuple[int, ...]:
+        return (self.context_layer,)
+
+    @property
+    def write_layers(self) -> tuple[int, ...]:
+        return self.steer_layers
+
+    def _device(self) -> torch.device | None:
+        if isinstance(self.predict, _HasParameters):
+            for p in self.predict.parameters():
+                return p.device
+        return None
+
+    def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        cols = step.layout.read_columns.get(self.read)
+        if cols is None:
+            raise InvalidInputError(f"this predictor reads position {self.read!r}, which the batch does not "
+                                    "provide; build the batch with build_inputs(..., input_last=True)")
+        rows = hidden.shape[0]
+        cols = cols.repeat_interleave(rows // cols.shape[0]) if rows != cols.shape[0] else cols
+        if not all(step.contains(int(c)) for c in cols):
+            return
+        local = (cols - step.past_len).to(hidden.device)
+        h = hidden[torch.arange(rows, device=hidden.device), local].float()
+        dev = self._device()
+        with torch.no_grad():
+            v = self.predict(h.to(dev) if dev is not None else h)
+        if not bool(torch.isfinite(v).all()):
+            raise InvalidInputError("the predictor produced NaN or inf steering vectors; check its weights "
+                                    "(and the model's dtype: float16 activations can overflow)")
+        self.current = v.to(hidden.device)
+
+    def vector(self, layer: int, step: Step) -> torch.Tensor | None:
+        return self.current
 
 
 @dataclass
 class TraceRecord:
-    """One write: the layer, the step's past length, and per row the absolute columns that were steered."""
+    """One write: the layer, the call's cache offset, and per row the absolute columns that were steered."""
 
     layer: int
     past_len: int
     columns: list[list[int]]
-
-
-def _step_pre_hook(state: StepState):  # noqa: ANN202
-    def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        if ref is None:
-            raise RuntimeError("steering needs input_ids or inputs_embeds in the model call")
-        bsz, cur = int(ref.shape[0]), int(ref.shape[1])
-        pkv = kwargs.get("past_key_values")
-        mask = kwargs.get("attention_mask")
-        past = 0
-        if pkv is not None and hasattr(pkv, "get_seq_length"):
-            past = int(pkv.get_seq_length())
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            past = int(mask.shape[1]) - cur
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            attention = mask[:, -cur:].bool()
-        else:
-            attention = torch.ones(bsz, cur, dtype=torch.bool, device=ref.device)
-        state.past_len, state.cur_len, state.attention = past, cur, attention
-        if past == 0:
-            state.prompt_len = cur
-        state.mask = None
-    return hook
 
 
 def _expand_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
@@ -135,53 +242,120 @@ def _expand_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
     if v.dim() == 1 or v.shape[0] == rows:
         return v
     if rows % v.shape[0]:
-        raise ValueError(f"per-row steering vectors have {v.shape[0]} rows but the model batch has {rows}; "
-                         "pass one vector per input row (or a single [D] vector)")
+        raise InvalidInputError(f"per-row steering vectors have {v.shape[0]} rows but the model batch has {rows}; "
+                                "pass one vector per input row (or a single [D] vector)")
     return v.repeat_interleave(rows // v.shape[0], dim=0)
 
 
+def _provider(handle: ModelHandle, vectors: SteeringVector | VectorProvider) -> VectorProvider:
+    if isinstance(vectors, SteeringVector):
+        if vectors.hidden_size != handle.hidden_size:
+            raise InvalidInputError(f"steering vector has hidden size {vectors.hidden_size}, but the model needs "
+                                    f"{handle.hidden_size}; was it made for another model?")
+        return FixedVectors(vectors.on_layers(handle.num_layers))
+    if isinstance(vectors, dict):
+        raise InvalidInputError("steer() takes a SteeringVector (learn2steer.SteeringVector({layer: tensor})) "
+                                "or a vector provider, not a plain dict")
+    return vectors
+
+
 @contextmanager
-def steer(handle: ModelHandle, vectors: Mapping[int, torch.Tensor] | VectorProvider, *, alpha: float = 1.0,
-          scope: Scope | str = Scope.ALL, trace: list[TraceRecord] | None = None) -> Iterator[StepState]:
+def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alpha: float = 1.0,
+          scope: Scope | str = Scope.ALL, batch: Batch | None = None, trace: list[TraceRecord] | None = None
+          ) -> Iterator[None]:
     """Add ``alpha * v`` to the output of decoder block(s) while the context is open.
 
-    ``vectors`` maps layer -> [D] (shared) or [B, D] (one per batch row), or is a :class:`VectorProvider`
-    (e.g. the L2S predictor). Works for plain forward passes and ``generate`` (KV cache, left padding,
-    beam search). A zero vector leaves outputs bit-for-bit unchanged.
-    """
-    scope = Scope(scope)
-    provider: VectorProvider = vectors if hasattr(vectors, "vector") else FixedVectors(dict(vectors))  # type: ignore[arg-type, assignment]
-    if isinstance(provider, FixedVectors):
-        provider = FixedVectors({handle.check_layer(k): v for k, v in provider.vectors.items()})
-        for layer, v in provider.vectors.items():
-            if v.shape[-1] != handle.hidden_size or v.dim() > 2:
-                raise ValueError(f"steering vector for layer {layer} has shape {tuple(v.shape)}, but the model "
-                                 f"needs [{handle.hidden_size}] or [rows, {handle.hidden_size}]; was it made for "
-                                 "another model?")
-    write_layers = [handle.check_layer(layer) for layer in provider.write_layers]
-    observe_layers = [handle.check_layer(layer) for layer in provider.observe_layers]
-    state = StepState()
+    ``vectors`` is a :class:`SteeringVector` (``[D]`` shared or ``[B, D]`` per row, per layer) or a
+    provider such as :class:`PredictedVectors`. Pass the ``batch`` you generate from: it tells where the
+    prompt ends, which columns are padding and where a predictor reads, in every generation mode (with or
+    without KV cache, chunked prefill, an existing cache, beam search). Without ``batch`` each call
+    without cache starts a new sequence whose prompt is that call's input (right for plain forwards and
+    ordinary cached ``generate``); modes where that guess would be wrong raise an error instead. A zero
+    vector leaves outputs bit-for-bit unchanged.
 
-    def make_hook(layer: int):  # noqa: ANN202
-        observes, writes = layer in observe_layers, layer in write_layers
+    >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
+    ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
+    """
+    if not math.isfinite(float(alpha)):
+        raise InvalidInputError(f"steering strength alpha must be a finite number, got {alpha!r}")
+    scope = Scope.parse(scope)
+    provider = _provider(handle, vectors)
+    write_layers = [handle.check_layer(layer) for layer in provider.write_layers]
+    read_layers = [handle.check_layer(layer) for layer in provider.read_layers]
+    predicted = bool(read_layers)
+    if predicted and min(read_layers) > min(write_layers):
+        raise InvalidInputError(
+            f"this provider reads layer {min(read_layers)} but writes layer {min(write_layers)} earlier in the same "
+            "pass, so the write would change what it reads; read the context first (read() up to the context "
+            "layer) and steer with the resulting vectors, as the HF engine does for L' > L*")
+    boundary_matters = predicted or scope is not Scope.ALL
+    fixed_layout = Layout.of(batch) if batch is not None else None
+    state: dict[str, Step] = {}
+
+    def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise RuntimeError("steering needs input_ids or inputs_embeds in the model call")
+        rows, cur = int(ref.shape[0]), int(ref.shape[1])
+        pkv = kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        past = 0
+        if pkv is not None and hasattr(pkv, "get_seq_length"):
+            past = int(pkv.get_seq_length())
+        elif mask2d is not None:
+            past = int(mask2d.shape[1]) - cur
+        layout = fixed_layout
+        if layout is None:
+            problem = None
+            if kwargs.get("use_cache") is False:
+                problem = "generation without KV cache (use_cache=False)"
+            elif past > 0 and cur > 1:
+                problem = "a prompt processed in pieces (chunked prefill, or generation from an existing cache)"
+            if problem is not None and boundary_matters:
+                raise InvalidInputError(f"steer() cannot tell where the prompt ends in {problem}; pass the "
+                                        "batch being generated: steer(..., batch=batch)")
+            prev = state.get("step")
+            if past == 0 or prev is None:
+                real = (mask2d[:, -cur:].bool() if mask2d is not None
+                        else torch.ones(rows, cur, dtype=torch.bool, device=ref.device)).cpu()
+                layout = Layout(prompt_len=past + cur, real=real,
+                                read_columns={"prompt_last": torch.full((rows,), past + cur - 1)})
+                if predicted and past > 0:
+                    raise InvalidInputError("steer() without batch= needs the prompt in the first call; pass "
+                                            "the batch being generated")
+            else:
+                layout = prev.layout
+        state["step"] = Step(past, cur, rows, layout)
+
+    def make_hook(layer: int) -> Callable[..., object]:
+        reads, writes = layer in read_layers, layer in write_layers
 
         def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
             hidden = layer_output(output)
-            if observes:
-                provider.observe(layer, hidden, state)
+            step = state["step"]
+            if reads:
+                provider.observe(layer, hidden, step)
             if not writes:
                 return None
-            v = provider.vector(layer, state)
-            if v is None:
-                return None
-            mask = state.mask
+            key = str(hidden.device)
+            mask = step.masks.get(key)
             if mask is None:
-                mask = state.mask = scope_mask(scope, state.attention.to(hidden.device), state.past_len,
-                                               state.prompt_len)
+                mask = step.masks[key] = step_mask(scope, step.layout.real.to(hidden.device), step.past_len,
+                                                   step.cur_len, step.rows)
+            v = provider.vector(layer, step)
+            if v is None:
+                if bool(mask.any()):
+                    raise InvalidInputError(
+                        "the predicted steering vector is not known yet: this call steers prompt positions "
+                        "before the last prompt token was read (chunked prefill or an existing cache with "
+                        f"scope {scope.value!r}); use scope='generated' or let the engine read first")
+                return None
             if trace is not None:
-                trace.append(TraceRecord(layer, state.past_len,
-                                         [(torch.nonzero(r).flatten() + state.past_len).tolist() for r in mask.cpu()]))
-            delta = (alpha * _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0]))
+                trace.append(TraceRecord(layer, step.past_len,
+                                         [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in mask.cpu()]))
+            delta = alpha * _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
             delta = delta.unsqueeze(-2) if delta.dim() == 2 else delta
             steered = torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
             if isinstance(output, tuple):
@@ -189,11 +363,11 @@ def steer(handle: ModelHandle, vectors: Mapping[int, torch.Tensor] | VectorProvi
             return steered
         return hook
 
-    hooks = [handle.model.register_forward_pre_hook(_step_pre_hook(state), with_kwargs=True)]
+    hooks = [handle.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     try:
-        for layer in sorted(set(observe_layers) | set(write_layers)):
+        for layer in sorted(set(read_layers) | set(write_layers)):
             hooks.append(handle.layers[layer].register_forward_hook(make_hook(layer)))
-        yield state
+        yield
     finally:
         for h in hooks:
             h.remove()

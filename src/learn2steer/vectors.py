@@ -1,40 +1,127 @@
-"""Steering vectors: P2S extraction (sharded, resumable) and the baselines built from its output.
+"""Steering vectors: the one vector type, P2S extraction (sharded, resumable, multi-process) and baselines.
+
+:class:`SteeringVector` is what every stage passes around, from extraction to the hook that adds it:
+a mapping decoder layer -> tensor, ``[D]`` (the same vector for every input) or ``[N, D]`` (one vector
+per input row, as P2S produces). Keeping the layer key all the way down means a multi-layer vector
+can never lose a layer or apply one layer's vector at another.
 
 ``extract`` runs, per example, the two teacher-forced sequences (question+suffix+T+ / T-) and the plain
 question, and stores z_X = h(T+) - h(T-) at the steering layers and h_X (last prompt token) at the
-context layers. Results go to safetensors shards of a fixed number of examples plus an ``index.json``;
-a shard is renamed into place only when complete, so an interrupted run resumes at the first missing
-shard and never recomputes or half-writes anything.
+context layers. Results go to safetensors shards of a fixed number of examples beside an ``index.json``
+that lists the examples. A shard file is written under a unique temporary name and renamed into place
+when complete, and it records the ids it holds; on resume every shard is verified against the index and
+a missing, truncated or misplaced one is recomputed. Under ``torchrun`` each rank computes every
+``world``-th missing shard; the result is the same files a single process writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from learn2steer import __version__
-from learn2steer.activations import Site, read
+from learn2steer._io import FolderLock, fingerprint, read_json, write_json
+from learn2steer._version import __version__
+from learn2steer.activations import Position, Site, read
 from learn2steer.behaviours import ZERO, BehaviourSpec, Example
+from learn2steer.distributed import Ranks, ranks
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import PromptRow, build_inputs
 
 INDEX = "index.json"
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+# ---- the vector type ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Vectors to add to the residual stream, keyed by decoder layer (the output of block ``layer``).
+
+    Each tensor is ``[D]`` (shared by every input) or ``[N, D]`` (one row per input, in a known order).
+    All layers have the same shape. Values must be finite: a NaN or inf vector would silently turn every
+    answer into garbage, so it is refused here, where vectors are made.
+
+    >>> v = SteeringVector({12: torch.ones(576)})
+    >>> v.hidden_size, v.per_row
+    (576, False)
+    """
+
+    layers: Mapping[int, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise InvalidInputError("a steering vector needs at least one layer")
+        shapes = {tuple(t.shape) for t in self.layers.values()}
+        if len(shapes) != 1:
+            raise InvalidInputError(f"all layers of a steering vector must have one shape, got {sorted(shapes)}")
+        shape = shapes.pop()
+        if len(shape) not in (1, 2) or shape[-1] == 0:
+            raise InvalidInputError(f"steering vectors are [D] or [rows, D], got shape {shape}")
+        for layer, t in self.layers.items():
+            if not isinstance(layer, int):
+                raise InvalidInputError(f"steering vector layers must be integers, got {layer!r}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidInputError(f"the steering vector for layer {layer} contains NaN or inf values; "
+                                        "recompute it (check the extraction or the artifact file)")
+        object.__setattr__(self, "layers", dict(sorted(self.layers.items())))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.layers.values())).shape[-1])
+
+    @property
+    def per_row(self) -> bool:
+        """True when every input row has its own vector (``[N, D]``)."""
+        return next(iter(self.layers.values())).dim() == 2
+
+    @property
+    def num_rows(self) -> int | None:
+        return int(next(iter(self.layers.values())).shape[0]) if self.per_row else None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.layers[layer]
+
+    def items(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return iter(self.layers.items())
+
+    def rows(self, index: torch.Tensor | Sequence[int]) -> "SteeringVector":
+        """The per-row vectors of the rows in ``index`` (in that order)."""
+        if not self.per_row:
+            raise InvalidInputError("rows() needs a per-row steering vector ([N, D] per layer)")
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return SteeringVector({k: v[idx] for k, v in self.layers.items()})
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "SteeringVector":
+        """Apply ``fn`` to every layer's tensor (device moves, scaling, baselines)."""
+        return SteeringVector({k: fn(v) for k, v in self.layers.items()})
+
+    def on_layers(self, num_layers: int) -> "SteeringVector":
+        """The same vector with negative layer indices resolved against a model of ``num_layers`` blocks."""
+        out: dict[int, torch.Tensor] = {}
+        for k, v in self.layers.items():
+            if not -num_layers <= k < num_layers:
+                raise InvalidInputError(f"steering vector layer {k} is out of range for a model with {num_layers} "
+                                        f"decoder layers (valid: 0..{num_layers - 1}, or negative from the end)")
+            out[k % num_layers] = v
+        return SteeringVector(out)
 
 
-def _chunks(seq: Sequence, n: int) -> list[Sequence]:
+# ---- P2S and context features for one batch -----------------------------------------------------------------
+
+def _chunks(seq: Sequence[Any], n: int) -> list[Sequence[Any]]:
     return [seq[i:i + n] for i in range(0, len(seq), n)]
 
 
@@ -47,8 +134,8 @@ def p2s_batch(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Examp
     out = {layer: torch.zeros(len(examples), handle.hidden_size) for layer in steer_layers}
     if not live:
         return out
-    rows = [pairs[i][0] for i in live] + [pairs[i][1] for i in live]  # type: ignore[index]
-    sites = [Site(layer, spec.read) for layer in steer_layers]  # type: ignore[arg-type]
+    rows = [p[0] for p in pairs if p is not None] + [p[1] for p in pairs if p is not None]
+    sites = [Site(layer, cast(Position, spec.read)) for layer in steer_layers]
     got = read(handle, build_inputs(handle, rows), sites)
     n = len(live)
     for s in sites:
@@ -65,155 +152,252 @@ def context_batch(handle: ModelHandle, examples: Sequence[Example], context_laye
     return {s.layer: v for s, v in got.items()}
 
 
+# ---- extraction ---------------------------------------------------------------------------------------------
+
 @dataclass
 class Extraction:
-    """Everything ``extract`` produced, loaded back into memory (float32, CPU)."""
+    """Everything ``extract`` produced, loaded back into memory (float32, CPU), rows in ``ids`` order."""
 
     ids: list[str]
     categories: list[str | None]
     contrasts: list[str]
-    z: dict[int, torch.Tensor]       # steering layer -> [N, D]
-    h: dict[int, torch.Tensor]       # context layer -> [N, D]
-    z_ba: dict[int, torch.Tensor]    # steering layer -> [N, D] with the BA contrast for every input
-    meta: dict
-    behaviour_spec: dict | None = None
+    z: SteeringVector                       # per row, at the steering layers
+    h: dict[int, torch.Tensor]              # context layer -> [N, D]
+    z_ba: SteeringVector | None             # per row, with the BA contrast for every input
+    meta: dict[str, Any]
+    behaviour_spec: dict[str, Any] | None = None
+    labels: list[str | None] = field(default_factory=list)
 
     def select(self, ids: Sequence[str]) -> "Extraction":
+        """The rows of ``ids``, in that order; an id that was not extracted is an error."""
         pos = {i: k for k, i in enumerate(self.ids)}
         missing = [i for i in ids if i not in pos]
         if missing:
-            raise KeyError(f"{len(missing)} ids not in this extraction (e.g. {missing[:3]}); extract them first")
-        idx = torch.tensor([pos[i] for i in ids], dtype=torch.long)
+            raise InvalidInputError(f"{len(missing)} ids are not in this extraction (e.g. {missing[:3]}); "
+                                    "extract them first")
+        idx = [pos[i] for i in ids]
+        t = torch.tensor(idx, dtype=torch.long)
         return Extraction(list(ids), [self.categories[i] for i in idx], [self.contrasts[i] for i in idx],
-                          {k: v[idx] for k, v in self.z.items()}, {k: v[idx] for k, v in self.h.items()},
-                          {k: v[idx] for k, v in self.z_ba.items()}, self.meta, self.behaviour_spec)
+                          self.z.rows(t), {k: v[t] for k, v in self.h.items()},
+                          self.z_ba.rows(t) if self.z_ba is not None else None, self.meta, self.behaviour_spec,
+                          [self.labels[i] for i in idx] if self.labels else [])
 
-    def vectors_by_id(self, layer: int) -> dict[str, torch.Tensor]:
-        return {i: self.z[layer][k] for k, i in enumerate(self.ids)}
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def shard_status(path: Path, ids: Sequence[str]) -> str | None:
+    """None when the shard at ``path`` is whole and holds exactly ``ids``; else what is wrong with it."""
+    if not path.exists():
+        return "is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("ids", "null"))
+            if stored != list(ids):
+                return "holds other examples than the index says (swapped, or copied from another run)"
+            keys = list(f.keys())
+            for key in keys:
+                if f.get_slice(key).get_shape()[0] != len(ids):
+                    return f"has the wrong number of rows in {key}"
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"is unreadable ({str(e).splitlines()[0][:80]})"
+    return None if keys else "is empty"
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: Sequence[str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"ids": json.dumps(list(ids))})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def extract(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example], out_dir: str | Path, *,
             steer_layers: Sequence[int], context_layers: Sequence[int], batch_size: int = 8,
             shard_size: int = 256, with_ba: bool = True, progress: bool = True,
-            on_shard: Callable[[int], None] | None = None, load: bool = True) -> Extraction | None:
-    """Extract P2S vectors and context features for ``examples`` into ``out_dir`` (resumable).
+            on_shard: Callable[[int], None] | None = None) -> Extraction:
+    """Extract P2S vectors and context features for ``examples`` into ``out_dir`` and load the result.
 
-    Memory stays flat in the number of examples: finished shards go to disk. ``load=False`` skips loading
-    the result back (then None is returned; use :func:`load_extraction` later). Re-running with the same
-    arguments skips finished shards; different settings in an existing folder
-    are an error rather than a silent mix.
+    Re-running with the same arguments skips every shard that is whole and recomputes any that is missing
+    or damaged; other settings in an existing folder are an error rather than a silent mix. One process
+    at a time per folder (a second one is refused); under ``torchrun`` the ranks split the shards.
+    Memory stays flat while extracting (finished shards go to disk); use :func:`extract_to` to skip
+    loading the result back.
     """
+    extract_to(handle, spec, examples, out_dir, steer_layers=steer_layers, context_layers=context_layers,
+               batch_size=batch_size, shard_size=shard_size, with_ba=with_ba, progress=progress, on_shard=on_shard)
+    return load_extraction(out_dir)
+
+
+def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example], out_dir: str | Path, *,
+               steer_layers: Sequence[int], context_layers: Sequence[int], batch_size: int = 8,
+               shard_size: int = 256, with_ba: bool = True, progress: bool = True,
+               on_shard: Callable[[int], None] | None = None, job: Ranks | None = None) -> Path:
+    """Like :func:`extract`, without loading the result (for datasets larger than memory)."""
+    if not examples:
+        raise InvalidInputError("the dataset is empty: nothing to extract (check --dataset / --limit)")
+    if batch_size < 1 or shard_size < 1:
+        raise InvalidInputError("batch_size and shard_size must be at least 1")
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    job = job or ranks()
     steer_layers = sorted({handle.check_layer(x) for x in steer_layers})
     context_layers = sorted({handle.check_layer(x) for x in context_layers})
+    if not steer_layers or not context_layers:
+        raise InvalidInputError("extraction needs at least one steering layer and one context layer")
     ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("example ids must be unique; found duplicates")
+    check_unique_ids(ids, "the dataset")
     settings = {"model": handle.name, "hidden_size": handle.hidden_size, "num_layers": handle.num_layers,
                 "behaviour": spec.name, "behaviour_fingerprint": spec.fingerprint, "steer_layers": steer_layers,
                 "context_layers": context_layers, "read": spec.read, "shard_size": shard_size,
-                "with_ba": with_ba and spec.ba is not None, "ids_fingerprint": _fingerprint(ids)}
-    index_path = out / INDEX
-    index = json.loads(index_path.read_text()) if index_path.exists() else None
-    if index is not None and index["settings"] != settings:
-        diff = {k: (index["settings"].get(k), v) for k, v in settings.items() if index["settings"].get(k) != v}
-        raise ValueError(f"{out} already holds an extraction with other settings {diff}; "
-                         "use another output folder or delete it")
-    if index is None:
-        index = {"settings": settings, "version": __version__, "shards": {},
-                 "examples": [{"id": e.id, "category": e.category, "contrast": spec.contrast_name(e)}
-                              for e in examples], "behaviour_spec": spec.to_dict()}
-        _write_json_atomic(index_path, index)
-    groups = _chunks(list(examples), shard_size)
-    todo = [k for k in range(len(groups)) if f"shard-{k:05d}" not in index["shards"]]
-    bar = tqdm(total=len(examples), initial=len(examples) - sum(len(groups[k]) for k in todo),
-               desc="P2S extraction", unit="ex", disable=not progress)
-    for k in todo:
-        tensors: dict[str, list[torch.Tensor]] = {}
-        for chunk in _chunks(groups[k], batch_size):
-            z = p2s_batch(handle, spec, chunk, steer_layers)
-            h = context_batch(handle, chunk, context_layers)
-            parts = {**{f"z/{k}": v for k, v in z.items()}, **{f"h/{k}": v for k, v in h.items()}}
-            if settings["with_ba"]:
-                need = [i for i, e in enumerate(chunk) if spec.contrast_name(e) != spec.ba]
-                zba = {k: v.clone() for k, v in z.items()}
-                if need:
-                    extra = p2s_batch(handle, spec, [chunk[i] for i in need], steer_layers, contrast=spec.ba)
-                    for layer in steer_layers:
-                        zba[layer][need] = extra[layer]
-                parts.update({f"z_ba/{k}": v for k, v in zba.items()})
-            for key, v in parts.items():
-                tensors.setdefault(key, []).append(v)
-            bar.update(len(chunk))
-        name = f"shard-{k:05d}"
-        tmp = out / "shards" / f".{name}.tmp"
-        save_file({key: torch.cat(v).contiguous() for key, v in tensors.items()}, str(tmp),
-                  metadata={"ids": json.dumps([e.id for e in groups[k]])})
-        os.replace(tmp, out / "shards" / f"{name}.safetensors")
-        index["shards"][name] = {"n": len(groups[k]), "first": k * shard_size}
-        _write_json_atomic(index_path, index)
-        if on_shard is not None:
-            on_shard(k)
-    bar.close()
-    return load_extraction(out) if load else None
+                "with_ba": with_ba and spec.ba is not None, "ids_fingerprint": fingerprint(ids)}
+    # one lock per rank: a second job on this folder (whatever its size) collides with this one at rank 0
+    with FolderLock(out, "extraction", name=f".lock-rank{job.rank}"):
+        index_path = out / INDEX
+        if job.is_main:
+            index = read_json(index_path, what="extraction index") if index_path.exists() else None
+            if index is not None and index.get("settings") != settings:
+                old = index.get("settings", {})
+                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+                raise InvalidInputError(f"{out} already holds an extraction with other settings {diff}; "
+                                        "use another output folder or delete it")
+            if index is None:
+                write_json(index_path, {
+                    "settings": settings, "version": __version__,
+                    "examples": [{"id": e.id, "category": e.category, "contrast": spec.contrast_name(e),
+                                  "label": e.label} for e in examples],
+                    "behaviour_spec": spec.to_dict()})
+        job.barrier()
+        groups = _chunks(list(examples), shard_size)
+        todo = [k for k in range(len(groups))
+                if shard_status(out / "shards" / _shard_name(k), [e.id for e in groups[k]]) is not None]
+        mine = job.mine(todo)
+        done_before = len(examples) - sum(len(groups[k]) for k in todo)
+        bar = tqdm(total=len(examples), initial=done_before, desc="P2S extraction", unit="ex",
+                   disable=not progress or not job.is_main)
+        for k in mine:
+            tensors: dict[str, list[torch.Tensor]] = {}
+            for chunk in _chunks(groups[k], batch_size):
+                z = p2s_batch(handle, spec, chunk, steer_layers)
+                h = context_batch(handle, chunk, context_layers)
+                parts = {**{f"z/{k}": v for k, v in z.items()}, **{f"h/{k}": v for k, v in h.items()}}
+                if settings["with_ba"]:
+                    need = [i for i, e in enumerate(chunk) if spec.contrast_name(e) != spec.ba]
+                    zba = {k: v.clone() for k, v in z.items()}
+                    if need:
+                        extra = p2s_batch(handle, spec, [chunk[i] for i in need], steer_layers, contrast=spec.ba)
+                        for layer in steer_layers:
+                            zba[layer][need] = extra[layer]
+                    parts.update({f"z_ba/{k}": v for k, v in zba.items()})
+                for key, v in parts.items():
+                    tensors.setdefault(key, []).append(v)
+                bar.update(len(chunk) * job.world)
+            _write_shard(out / "shards" / _shard_name(k), {key: torch.cat(v) for key, v in tensors.items()},
+                         [e.id for e in groups[k]])
+            if on_shard is not None:
+                on_shard(k)
+        bar.close()
+        job.barrier()
+    return out
 
 
-def _fingerprint(ids: Sequence[str]) -> str:
-    import hashlib
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+def check_unique_ids(ids: Sequence[str], where: str) -> None:
+    """Example ids key every saved result; a duplicate would silently swap one example's results for another's."""
+    seen: set[str] = set()
+    dup = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    if dup:
+        raise InvalidInputError(f"{where} has duplicate example ids (e.g. {sorted(set(dup))[:3]}); "
+                                "give every row a unique 'id'")
 
 
 def load_extraction(out_dir: str | Path) -> Extraction:
-    """Load a finished extraction folder; fails clearly if shards are missing (run extract again)."""
+    """Load a finished extraction folder; a missing or damaged shard is an error naming it and the fix."""
     out = Path(out_dir)
     index_path = out / INDEX
     if not index_path.exists():
-        raise FileNotFoundError(f"{out} has no {INDEX}; run `l2s extract` (or learn2steer.extract) first")
-    index = json.loads(index_path.read_text())
-    n_shards = -(-len(index["examples"]) // index["settings"]["shard_size"])
-    missing = [k for k in range(n_shards) if f"shard-{k:05d}" not in index["shards"]]
-    if missing:
-        raise RuntimeError(f"extraction in {out} is incomplete ({len(missing)} of {n_shards} shards missing); "
-                           "re-run the same extract command to resume")
+        raise MissingFileError(f"{out} has no {INDEX}; run `l2s extract` (or learn2steer.extract) first")
+    index = read_json(index_path, what="extraction index")
+    settings, ex = index["settings"], index["examples"]
+    groups = _chunks([e["id"] for e in ex], settings["shard_size"])
     parts: dict[str, list[torch.Tensor]] = {}
-    for k in range(n_shards):
-        for key, v in load_file(str(out / "shards" / f"shard-{k:05d}.safetensors")).items():
-            parts.setdefault(key, []).append(v)
+    for k, ids in enumerate(groups):
+        path = out / "shards" / _shard_name(k)
+        problem = shard_status(path, ids)
+        if problem is not None:
+            raise MissingFileError(f"extraction shard {path} {problem}; re-run the same extract command "
+                                   "to recompute it")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                parts.setdefault(key, []).append(f.get_tensor(key))
     cat = {key: torch.cat(v) for key, v in parts.items()}
 
     def group(prefix: str) -> dict[int, torch.Tensor]:
         return {int(key.split("/")[1]): v for key, v in cat.items() if key.startswith(prefix + "/")}
 
-    ex = index["examples"]
+    z_ba = group("z_ba")
     return Extraction([e["id"] for e in ex], [e["category"] for e in ex], [e["contrast"] for e in ex],
-                      group("z"), group("h"), group("z_ba"), index["settings"], index.get("behaviour_spec"))
+                      SteeringVector(group("z")), group("h"), SteeringVector(z_ba) if z_ba else None, settings,
+                      index.get("behaviour_spec"), [e.get("label") for e in ex])
 
 
 # ---- baselines: plain functions over extracted vectors ------------------------------------------------
 
-def mean_vector(z: torch.Tensor, contrasts: Sequence[str] | None = None) -> torch.Tensor:
-    """Mean-S: the mean of z over training inputs (inputs mapped to the zero contrast are left out)."""
+def mean_vector(z: SteeringVector, contrasts: Sequence[str] | None = None) -> SteeringVector:
+    """Mean-S: the mean of the per-input vectors at every layer (inputs of the zero contrast left out)."""
+    if not z.per_row:
+        raise InvalidInputError("mean_vector needs per-input vectors ([N, D] per layer)")
+    keep = torch.ones(z.num_rows or 0, dtype=torch.bool)
     if contrasts is not None:
-        keep = torch.tensor([c != ZERO for c in contrasts])
-        z = z[keep]
-    if len(z) == 0:
-        raise ValueError("no training vectors to average")
-    return z.mean(0)
+        keep = torch.tensor([c != ZERO for c in contrasts], dtype=torch.bool)
+    if not bool(keep.any()):
+        raise InvalidInputError("no training vectors to average (every input maps to the zero contrast)")
+    return z.map(lambda v: v[keep].mean(0))
 
 
-def norm_random(z: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Norm-Rnd: per input, a random direction (seeded) with the norm of that input's z."""
+def norm_random(z: SteeringVector, seed: int = 0) -> SteeringVector:
+    """Norm-Rnd: per input and layer, a random direction (seeded) with the norm of that input's vector."""
     g = torch.Generator().manual_seed(seed)
-    d = torch.randn(z.shape, generator=g)
-    return d / d.norm(dim=-1, keepdim=True) * z.norm(dim=-1, keepdim=True)
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        d = torch.randn(v.shape, generator=g)
+        return d / d.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)
+
+    return z.map(one)
 
 
-def rescale_to_group(z: torch.Tensor, contrasts: Sequence[str], group: str) -> torch.Tensor:
-    """Rescale every input's z to the mean norm of the ``group`` contrast (balances Consult vs Harmful)."""
-    sel = torch.tensor([c == group for c in contrasts])
-    if not bool(sel.any()):
-        return z
-    target = z[sel].norm(dim=-1).mean()
-    norms = z.norm(dim=-1, keepdim=True)
-    return torch.where(norms > 0, z / norms.clamp_min(1e-12) * target, z)
+def group_scales(z: torch.Tensor, contrasts: Sequence[str], reference: str) -> dict[str, float]:
+    """One scalar per contrast group: mean norm of the ``reference`` group / mean norm of the group.
+
+    This is the official code's per-group rescaling (e.g. consultation vectors brought to the norm of
+    the decline vectors). Each group is multiplied by one number, so inputs keep their relative
+    magnitudes. Groups with zero vectors (the zero contrast) are left at 1.
+    """
+    norms = z.norm(dim=-1)
+    ref = [i for i, c in enumerate(contrasts) if c == reference]
+    if not ref:
+        return {}
+    target = float(norms[ref].mean())
+    scales: dict[str, float] = {}
+    for c in sorted(set(contrasts)):
+        idx = [i for i, x in enumerate(contrasts) if x == c]
+        mean = float(norms[idx].mean())
+        scales[c] = target / mean if mean > 0 and math.isfinite(mean) else 1.0
+    return scales
+
+
+def rescale_groups(z: SteeringVector, contrasts: Sequence[str], reference: str,
+                   scales: Mapping[int, Mapping[str, float]] | None = None) -> SteeringVector:
+    """Multiply every contrast group of ``z`` by its :func:`group_scales` scalar, per layer.
+
+    ``scales`` (layer -> group -> scalar) applies scalars computed elsewhere (on the training split) to
+    other inputs, so P2S at test time uses the very targets L2S was trained on.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for layer, v in z.items():
+        s = scales[layer] if scales is not None else group_scales(v, contrasts, reference)
+        factor = torch.tensor([s.get(c, 1.0) for c in contrasts], dtype=v.dtype)
+        out[layer] = v * factor[:, None]
+    return SteeringVector(out)

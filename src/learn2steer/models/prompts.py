@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
 
 ImageLike = Image.Image | str | Path
@@ -38,9 +39,12 @@ class PromptRow:
 class Batch:
     """Model inputs plus, per row, the positions that matter (indices into the padded sequence).
 
-    ``prompt_last``: last token of the prompt (the generation prompt included).
+    ``prompt_last``: last token of the prompt (the generation prompt included). Under left padding this
+    is column ``seq_len - 1`` for every row of a generation batch, and :attr:`seq_len` is where the prompt
+    ends: the one definition of the prompt boundary that reading, steering and generation share.
+    ``input_last``: last token of the user turn *before* the generation prompt (the official L2S safety
+    predictors read there); only filled when requested (``build_inputs(..., input_last=True)``).
     ``span_start``/``span_end``: the teacher-forced completion, end exclusive (empty when none).
-    Under left padding the last column is every row's last token.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -48,6 +52,7 @@ class Batch:
     span_start: torch.Tensor
     span_end: torch.Tensor
     rows: list[PromptRow] = field(default_factory=list)
+    input_last: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -56,10 +61,6 @@ class Batch:
     @property
     def seq_len(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
-
-    @property
-    def last(self) -> torch.Tensor:
-        return torch.full((self.size,), self.seq_len - 1, dtype=torch.long)
 
     @classmethod
     def of_prompts(cls, inputs: dict[str, torch.Tensor]) -> "Batch":
@@ -78,9 +79,12 @@ def _load_image(image: ImageLike) -> Image.Image:
         return image.convert("RGB")
     p = Path(image)
     if not p.exists():
-        raise FileNotFoundError(f"image {str(p)!r} does not exist (check the dataset's image folder)")
-    with Image.open(p) as im:
-        return im.convert("RGB")
+        raise MissingFileError(f"image {str(p)!r} does not exist (check the dataset's image folder)")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError) as e:  # PIL raises OSError for truncated files, SyntaxError for some headers
+        raise InvalidInputError(f"image {str(p)!r} cannot be read ({e}); replace or remove it") from None
 
 
 def _messages(handle: ModelHandle, row: PromptRow, with_completion: bool) -> list[dict[str, Any]]:
@@ -97,8 +101,8 @@ def _messages(handle: ModelHandle, row: PromptRow, with_completion: bool) -> lis
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": row.completion}]})
     else:
         if row.image is not None:
-            raise ValueError(f"row has an image but {handle.name or 'the model'} is a text-only model; drop the "
-                             "image (e.g. --no-images) or load a vision-language model")
+            raise InvalidInputError(f"a row has an image but {handle.name or 'the model'} is a text-only model; "
+                                    "drop the images (e.g. --mmsb-images none) or load a vision-language model")
         if row.system:
             msgs.append({"role": "system", "content": row.system})
         msgs.append({"role": "user", "content": row.text})
@@ -111,7 +115,7 @@ def _encode(handle: ModelHandle, row: PromptRow, *, completion: bool, add_genera
             ) -> dict[str, torch.Tensor]:
     templater = handle.processor if handle.is_multimodal else handle.tokenizer
     if getattr(templater, "chat_template", None) is None:
-        raise ValueError(f"{handle.name or 'the model'} has no chat template; learn2steer renders prompts with "
+        raise InvalidInputError(f"{handle.name or 'the model'} has no chat template; learn2steer renders prompts with "
                          "the model's chat template (set tokenizer.chat_template / processor.chat_template)")
     kwargs: dict[str, Any] = {"tokenize": True, "return_dict": True, "return_tensors": "pt"}
     if completion:
@@ -130,12 +134,12 @@ def encode_row(handle: ModelHandle, row: PromptRow, *, add_generation_prompt: bo
     if row.completion is None:
         return prompt, n_prompt, n_prompt
     if not add_generation_prompt:
-        raise ValueError("a completion is always teacher-forced after the generation prompt; "
+        raise InvalidInputError("a completion is always teacher-forced after the generation prompt; "
                          "add_generation_prompt=False cannot be combined with completion")
     full = _encode(handle, row, completion=True, add_generation_prompt=True)
     ids_p, ids_f = prompt["input_ids"][0], full["input_ids"][0]
     if len(ids_f) <= n_prompt or not torch.equal(ids_f[:n_prompt], ids_p):
-        raise ValueError(
+        raise InvalidInputError(
             f"the chat template of {handle.name or 'the model'} does not render the prompt as a prefix of "
             f"prompt+completion for completion {row.completion!r}; cannot locate the completion span. "
             "Start the completion with a word (no leading whitespace) or fix the template.")
@@ -159,17 +163,36 @@ def collate(handle: ModelHandle, encoded: Sequence[dict[str, torch.Tensor]]
     return inputs, [width - n for n in lengths]
 
 
+def input_length(handle: ModelHandle, row: PromptRow, prompt_ids: torch.Tensor) -> int:
+    """Tokens of ``row``'s user turn without the generation prompt, checked to be a prefix of ``prompt_ids``.
+
+    Causal attention makes the hidden state at that prefix's last token identical inside the full prompt,
+    so a predictor that reads "the last input token" needs no second pass.
+    """
+    bare = _encode(handle, row, completion=False, add_generation_prompt=False)["input_ids"][0]
+    n = int(bare.shape[0])
+    if n > int(prompt_ids.shape[0]) or not torch.equal(prompt_ids[:n], bare):
+        raise InvalidInputError(f"the chat template of {handle.name or 'the model'} does not render the prompt "
+                                "without generation prompt as a prefix of the prompt with it; the 'input_last' "
+                                "read position cannot be located")
+    return n
+
+
 def build_inputs(handle: ModelHandle, rows: Sequence[PromptRow], *, add_generation_prompt: bool = True,
-                 device: torch.device | str | None = None) -> Batch:
+                 device: torch.device | str | None = None, input_last: bool = False) -> Batch:
     """Encode rows into one left-padded batch with per-row positions (see :class:`Batch`)."""
     if not rows:
-        raise ValueError("build_inputs needs at least one row")
+        raise InvalidInputError("build_inputs needs at least one row")
     enc = [encode_row(handle, r, add_generation_prompt=add_generation_prompt) for r in rows]
     inputs, pads = collate(handle, [e for e, _, _ in enc])
     prompt_last = torch.tensor([p + n_prompt - 1 for p, (_, n_prompt, _) in zip(pads, enc)], dtype=torch.long)
     span_start = torch.tensor([p + n_prompt for p, (_, n_prompt, _) in zip(pads, enc)], dtype=torch.long)
     span_end = torch.tensor([p + n_full for p, (_, _, n_full) in zip(pads, enc)], dtype=torch.long)
     batch = Batch(inputs=inputs, prompt_last=prompt_last, span_start=span_start, span_end=span_end, rows=list(rows))
+    if input_last:
+        batch.input_last = torch.tensor(
+            [p + input_length(handle, r, e["input_ids"][0]) - 1 for p, r, (e, _, _) in zip(pads, rows, enc)],
+            dtype=torch.long)
     return batch.to(device if device is not None else handle.device)
 
 
@@ -196,10 +219,10 @@ def batch_from_texts(handle: ModelHandle, texts: Sequence[str], *, device: torch
                      ) -> Batch:
     """A left-padded batch of raw strings, no chat template (base models, peer comparisons).
 
-    Every row is its own prompt: ``prompt_last`` and ``last`` are the row's final token.
+    Every row is its own prompt: ``prompt_last`` is the row's final token.
     """
     if not texts:
-        raise ValueError("batch_from_texts needs at least one text")
+        raise InvalidInputError("batch_from_texts needs at least one text")
     enc = [{k: v for k, v in handle.tokenizer(t, return_tensors="pt").items() if isinstance(v, torch.Tensor)}
            for t in texts]
     batch = Batch.of_prompts(collate(handle, enc)[0])

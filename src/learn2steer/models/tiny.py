@@ -8,7 +8,7 @@ those of the real architectures. The tokenizer is a byte-level BPE trained in-pr
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -81,8 +81,12 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
                                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                                    tie_word_embeddings=False, initializer_range=0.2)
     torch.manual_seed(seed)
+    # transformers' classes are typed loosely (decorated .to, config kwargs); the models are checked by tests
+    model: Any
+    cfg: Any
+    improc: Any
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**text_kw)).to(dtype)
+        model = cast(Any, LlamaForCausalLM(LlamaConfig(**text_kw))).to(dtype)
         return make_handle(model, tok, name="tiny-llama")
     if arch == "llava":
         from transformers import (
@@ -94,14 +98,14 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         )
 
         image_token_id = tok.convert_tokens_to_ids("<image>")
-        cfg = LlavaConfig(
+        cfg = LlavaConfig(**dict(
             text_config=LlamaConfig(**text_kw).to_dict(),
             vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
             image_token_id=image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
             projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
-        )
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
+        ))
+        model = cast(Any, LlavaForConditionalGeneration(cfg)).to(dtype)
         improc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -127,7 +131,7 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
             vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
             video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         )
-        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
+        model = cast(Any, Qwen2VLForConditionalGeneration(cfg)).to(dtype)
         # A small pixel budget keeps the number of image tokens tiny but still image-size dependent.
         improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
         proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=chat_template(arch))

@@ -107,7 +107,7 @@ def test_make_handle_sets_left_padding(tiny_llama) -> None:
 @pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl"])
 def test_load_model_from_local_folder_roundtrip(arch, request, tmp_path, synthetic_images) -> None:
     """Saved checkpoints load back by path (Qwen2-VL without torchvision: image-only processor)."""
-    from learn2steer.generation import generate
+    from learn2steer.engines.hf import generate
     from learn2steer.models.loading import load_model
     from learn2steer.models.prompts import PromptRow, build_inputs
 

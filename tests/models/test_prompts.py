@@ -54,3 +54,16 @@ def test_text_model_rejects_images_and_missing_files(tiny_llama, tiny_llava, tmp
         build_inputs(tiny_llava, [PromptRow("x", image=tmp_path / "missing.jpg")])
     with pytest.raises(ValueError, match="at least one row"):
         build_inputs(tiny_llama, [])
+
+
+def test_input_last_is_the_user_turn_before_the_generation_prompt(any_tiny, coco_images) -> None:
+    h = any_tiny
+    rows = [PromptRow("is there a dog ?", image=coco_images[0] if h.is_multimodal else None), PromptRow("a")]
+    b = build_inputs(h, rows, input_last=True)
+    assert b.input_last is not None and bool((b.input_last < b.prompt_last).all())
+    for i, row in enumerate(rows):
+        alone = build_inputs(h, [row], add_generation_prompt=False)
+        n = alone.seq_len
+        pad = b.seq_len - int(b.inputs["attention_mask"][i].sum())
+        assert int(b.input_last[i]) == pad + n - 1
+        assert torch.equal(b.inputs["input_ids"][i, pad:pad + n], alone.inputs["input_ids"][0])

@@ -1,1 +1,0 @@
-"""Benchmarks: datasets, judges, metrics, the experiment runner and reports."""

@@ -1,0 +1,124 @@
+"""The Hugging Face engine: transformers ``generate`` with learn2steer's hooks, in this process.
+
+Steering is installed per batch with the batch itself, so the prompt boundary and padding are known
+in every generation mode. L2S reads its context in the same forward pass when it can (L' <= L* and
+the whole prompt in one call); otherwise (L' > L*, chunked prefill, an existing cache) a read pass
+that stops at L' runs first and the predicted vectors are applied as per-row fixed vectors: the same
+answers, one short extra pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from learn2steer.activations import Site, read
+from learn2steer.behaviours import Example
+from learn2steer.errors import InvalidInputError
+from learn2steer.methods import MethodConfig, prompt_rows
+from learn2steer.models.loading import ModelHandle
+from learn2steer.models.prompts import Batch, build_inputs
+from learn2steer.steering import FixedVectors, PredictedVectors, VectorProvider, steer
+from learn2steer.vectors import SteeringVector
+
+
+@torch.no_grad()
+def generate_tokens(handle: ModelHandle, batch: Batch, *, max_new_tokens: int = 64, do_sample: bool = False,
+                    num_return_sequences: int = 1, **kwargs: Any) -> list[list[int]]:
+    """The new token ids of each output row, up to and including the first end-of-sequence token.
+
+    Returns ``batch.size * num_return_sequences`` lists, the n answers of each input row contiguous.
+    """
+    tok = handle.tokenizer
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                  "pad_token_id": tok.pad_token_id, "num_return_sequences": num_return_sequences}
+    if not do_sample:  # silence "temperature is set but do_sample=False" from models' generation configs
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    gen_kwargs.update(kwargs)
+    model: Any = handle.model  # a transformers GenerationMixin
+    out = model.generate(**batch.inputs, **gen_kwargs)
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    rows = []
+    for row in out[:, batch.seq_len:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def generate(handle: ModelHandle, batch: Batch, *, max_new_tokens: int = 64, do_sample: bool = False,
+             num_return_sequences: int = 1, **kwargs: Any) -> list[str]:
+    """Generate for a left-padded batch; decode the new tokens of each output row (special tokens dropped).
+
+    Returns ``batch.size * num_return_sequences`` strings, the n answers of each input row contiguous.
+    """
+    ids = generate_tokens(handle, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          num_return_sequences=num_return_sequences, **kwargs)
+    return [t.strip() for t in handle.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _prompt_in_pieces(gen_kwargs: dict[str, Any]) -> bool:
+    """Will ``generate`` process the prompt in more than one forward call?"""
+    return gen_kwargs.get("prefill_chunk_size") is not None or gen_kwargs.get("past_key_values") is not None
+
+
+def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvider | None, batch: Batch,
+                 gen_kwargs: dict[str, Any] | None = None) -> AbstractContextManager[None]:
+    """The steering context for generating ``batch`` under ``cfg`` (a no-op for unsteered methods)."""
+    if provider is None:
+        return nullcontext()
+    if isinstance(provider, PredictedVectors):
+        ctx = handle.check_layer(provider.context_layer)
+        writes = [handle.check_layer(x) for x in provider.steer_layers]
+        if ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
+            # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors
+            site = Site(ctx, provider.read)  # type: ignore[arg-type]
+            h = read(handle, batch, [site])[site]
+            with torch.no_grad():
+                dev = provider._device()
+                v = provider.predict(h.to(dev) if dev is not None else h).float().cpu()
+            if not bool(torch.isfinite(v).all()):
+                raise InvalidInputError("the predictor produced NaN or inf steering vectors; check its weights")
+            provider = FixedVectors(SteeringVector({layer: v for layer in writes}))
+    return steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch)
+
+
+@dataclass
+class HFEngine:
+    """transformers ``generate`` in this process; ``gen_kwargs`` go to every ``generate`` call."""
+
+    handle: ModelHandle
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = "hf"
+
+    @property
+    def model_name(self) -> str:
+        return self.handle.name
+
+    def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
+               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
+        tok = self.handle.tokenizer
+        ids = self.answer_tokens(cfg, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 num_return_sequences=num_return_sequences, progress=progress)
+        return [[t.strip() for t in tok.batch_decode(per_example, skip_special_tokens=True)] for per_example in ids]
+
+    def answer_tokens(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
+                      num_return_sequences: int = 1, progress: bool = True) -> list[list[list[int]]]:
+        """Like :meth:`answer`, as token ids (through the first end-of-sequence token): engine conformance."""
+        n = num_return_sequences
+        out: list[list[list[int]]] = []
+        for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
+                      leave=False):
+            chunk = examples[i:i + batch_size]
+            provider = cfg.provider_for([e.id for e in chunk])
+            needs_input_last = isinstance(provider, PredictedVectors) and provider.read == "input_last"
+            batch = build_inputs(self.handle, prompt_rows(cfg, chunk), input_last=needs_input_last)
+            with steering_for(self.handle, cfg, provider, batch, self.gen_kwargs):
+                flat = generate_tokens(self.handle, batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                       **self.gen_kwargs)
+            out.extend(flat[k * n:(k + 1) * n] for k in range(len(chunk)))
+        return out

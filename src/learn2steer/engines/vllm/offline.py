@@ -1,0 +1,173 @@
+"""``--engine vllm``: answer examples with vLLM's ``LLM`` and learn2steer's plugin, in one call per method.
+
+Prompts are rendered by learn2steer's own chat templating (the token ids the HF engine uses), so both
+engines see the same inputs. Steering travels in each request's ``extra_args``: an artifact folder
+(``steer_path``; in-memory artifacts and vectors are saved once to a work folder) or, for per-input
+methods (P2S, Norm-Rnd), the request's own vector inline.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from learn2steer.artifacts import SteeringArtifact
+from learn2steer.behaviours import Example
+from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, check_plugin_installed
+from learn2steer.errors import InvalidInputError
+from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
+from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path, template_handle
+from learn2steer.models.prompts import encode_row
+from learn2steer.steering import Scope
+
+
+def engine_env(*, allow_paths: bool, artifacts: dict[str, str] | None = None, eager: bool = True) -> dict[str, str]:
+    """Environment for a vLLM engine with the plugin (set before the engine starts its processes)."""
+    import json
+
+    import torch
+
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "0", ENV_ALLOW_PATHS: "1" if allow_paths else "0",
+           ENV_ARTIFACTS: json.dumps(artifacts or {})}
+    if not eager:
+        env["VLLM_DISABLE_COMPILE_CACHE"] = "1"  # a graph compiled without the plugin must never be reused
+    if not torch.cuda.is_available():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    return env
+
+
+class VLLMEngine:
+    """vLLM's offline ``LLM`` with learn2steer's plugin; greedy; text prompts."""
+
+    name = "vllm"
+
+    def __init__(self, llm: Any, templates: Any, model_name: str, hidden_size: int, num_layers: int) -> None:
+        self.llm, self.templates = llm, templates
+        self._model_name, self.hidden_size, self.num_layers = model_name, hidden_size, num_layers
+        self.workdir = Path(tempfile.mkdtemp(prefix="l2s-vllm-"))
+        self._saved: dict[str, str] = {}
+        self.last_outputs: list[Any] = []
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    def close(self) -> None:
+        """Stop the engine's processes now (otherwise they stop when the engine is garbage collected)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def create(cls, model: str = "default", *, dtype: str = "auto", enforce_eager: bool = True,
+               enable_chunked_prefill: bool = False, max_model_len: int = 2048, **engine_kwargs: Any) -> "VLLMEngine":
+        """Start an engine on a local model folder ('default': the embedded SmolLM2-135M-Instruct).
+
+        Chunked prefill is off by default so that L2S at scope ``all`` sees each prompt whole (turn it on
+        and L2S works at scope ``generated``; prompt scopes are then refused). ``dtype="auto"`` is float32
+        on CPU, as the HF engine loads models there.
+        """
+        import torch
+
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise InvalidInputError("the vLLM engine needs the serving environment: bash scripts/setup.sh --serve, "
+                                    "then use .venv-serve/bin/l2s") from None
+        check_plugin_installed()
+        path = resolve_model_path(model)
+        name, hidden, layers = model_shape(model)
+        os.environ.update(engine_env(allow_paths=True, eager=enforce_eager))
+        from learn2steer.engines.vllm import plugin
+
+        plugin._STATE["registry"] = None  # re-read the environment in this process
+        if dtype == "auto" and not torch.cuda.is_available():
+            dtype = "float32"
+        kw: dict[str, Any] = dict(dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=0,
+                                  enable_chunked_prefill=enable_chunked_prefill)
+        if not enable_chunked_prefill:
+            kw["max_num_batched_tokens"] = max(max_model_len, engine_kwargs.pop("max_num_batched_tokens", 0))
+        kw.update(engine_kwargs)
+        llm = LLM(model=str(path), served_model_name=DEFAULT_MODEL_NAME if name == DEFAULT_MODEL_NAME else name, **kw)
+        return cls(llm, template_handle(model), name, hidden, layers)
+
+    @classmethod
+    def for_handle(cls, handle: Any, *, model: str, dtype: str = "auto", **kw: Any) -> "VLLMEngine":
+        """An engine on the same checkpoint as an HF handle (the eval grid after HF extraction)."""
+        return cls.create(model, dtype=dtype, **kw)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def token_ids(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[list[int]]:
+        rows = prompt_rows(cfg, examples)
+        if any(r.image is not None for r in rows):
+            raise InvalidInputError("the vLLM engine takes text prompts only; use --engine hf for images")
+        return [encode_row(self.templates, r)[0]["input_ids"][0].tolist() for r in rows]
+
+    def _save(self, art: SteeringArtifact, key: str) -> str:
+        if key not in self._saved:
+            self._saved[key] = str(art.save(self.workdir / key))
+        return self._saved[key]
+
+    def extra_args(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[dict[str, Any] | None]:
+        """Each request's steering, as the plugin reads it."""
+        if not cfg.steers:
+            return [None] * len(examples)
+        common: dict[str, Any] = {"alpha": float(cfg.alpha), "scope": Scope.parse(cfg.scope).value}
+        if cfg.artifact is not None and cfg.artifact.kind == "l2s":
+            path = self._save(cfg.artifact, fingerprint(cfg))
+            return [{"steer_path": path, "gated": cfg.gated, **common} for _ in examples]
+        vec = cfg.vector
+        assert vec is not None
+        if not vec.per_row:
+            art = SteeringArtifact(kind="fixed", method=cfg.method, model=self.model_name, hidden_size=vec.hidden_size,
+                                   num_layers=self.num_layers, steer_layers=list(vec), vector=vec)
+            return [{"steer_path": self._save(art, fingerprint(cfg)), **common} for _ in examples]
+        provider = cfg.provider_for([e.id for e in examples])
+        assert provider is not None
+        rows = provider.vectors  # type: ignore[attr-defined]
+        layers = list(rows)
+        first = rows[layers[0]]
+        if any(not bool((rows[x] == first).all()) for x in layers[1:]):
+            raise InvalidInputError("per-input vectors that differ between layers cannot be sent inline; use one layer")
+        return [{"steer_vector": first[i].tolist(), "steer_layers": layers, **common} for i in range(len(examples))]
+
+    def requests(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int,
+                 num_return_sequences: int = 1) -> list[tuple[Any, Any]]:
+        """(prompt, sampling params) of each example under ``cfg``; requests of several methods can be mixed in
+        one :meth:`generate` call (vLLM batches them together)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = self.token_ids(cfg, examples)
+        extras = self.extra_args(cfg, examples)
+        return [(TokensPrompt(prompt_token_ids=t), SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                                                  n=num_return_sequences, extra_args=x))
+                for t, x in zip(ids, extras)]
+
+    def generate(self, requests: Sequence[tuple[Any, Any]], *, progress: bool = False) -> list[Any]:
+        """Run prepared requests in one engine call; vLLM's RequestOutputs in order."""
+        self.last_outputs = list(self.llm.generate([r[0] for r in requests], [r[1] for r in requests],
+                                                   use_tqdm=progress))
+        return self.last_outputs
+
+    def run(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int,
+            num_return_sequences: int = 1, progress: bool = True) -> list[Any]:
+        """vLLM's RequestOutputs of ``examples`` under ``cfg`` (greedy), in order."""
+        return self.generate(self.requests(cfg, examples, max_new_tokens=max_new_tokens,
+                                           num_return_sequences=num_return_sequences), progress=progress)
+
+    def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
+               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
+        """All examples go to vLLM at once (it batches continuously); ``batch_size`` does not apply."""
+        outs = self.run(cfg, examples, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                        progress=progress)
+        return [[o.text.strip() for o in out.outputs] for out in outs]

@@ -1,0 +1,214 @@
+"""What a steered vLLM request says, how it is checked, and how it salts the prefix cache.
+
+A request selects steering through ``SamplingParams.extra_args`` (the OpenAI server's ``vllm_xargs``),
+flat values only::
+
+    {"steer": "NAME", "alpha": 1.0, "scope": "all", "gated": true}
+
+``steer`` names an artifact preloaded by ``l2s serve --artifact NAME=DIR``; ``alpha`` and ``scope``
+default to the artifact's. The offline engine may also send ``steer_path`` (an artifact folder) and
+``steer_vector`` + ``steer_layers`` (one fixed vector for this request, e.g. P2S); a server refuses those.
+
+This module imports no vLLM: the same checks run in the API process (an HTTP 400), the engine process
+(cache salt) and the worker (what to add where), and are tested without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from learn2steer._io import read_json
+from learn2steer.artifacts import validate_config
+from learn2steer.errors import InvalidInputError
+from learn2steer.steering import Scope
+
+ENV_ARTIFACTS = "L2S_VLLM_ARTIFACTS"     # JSON {name: folder}, set by `l2s serve` / the offline engine
+ENV_ALLOW_PATHS = "L2S_VLLM_ALLOW_PATHS"  # "1": requests may name artifact folders / inline vectors (offline only)
+KEYS = ("steer", "alpha", "scope", "gated", "steer_path", "steer_vector", "steer_layers")
+PROMPT_SCOPES = (Scope.ALL.value, Scope.PROMPT.value)
+
+
+@dataclass(frozen=True)
+class SteerMeta:
+    """What the engine must know about an artifact before any tensor is loaded."""
+
+    source: str                 # "name:<n>", "path:<folder>" or "inline:<hash>"
+    kind: str                   # "fixed" or "l2s"
+    hidden_size: int
+    num_layers: int
+    steer_layers: tuple[int, ...]
+    alpha: float = 1.0
+    scope: str = "all"
+    context_layer: int | None = None
+    context_read: str = "prompt_last"
+    gate: float = 0.0
+    folder: str | None = None
+
+
+@dataclass(frozen=True)
+class SteerRequest:
+    """One request's resolved steering: which artifact, at which strength and scope."""
+
+    meta: SteerMeta
+    alpha: float
+    scope: str
+    gated: bool = True
+    vector: tuple[float, ...] | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        """Identity of the vectors applied (same key and settings => same additions)."""
+        return self.meta.source
+
+    def salt(self, prompt_token_ids: Sequence[int]) -> str:
+        """The prefix-cache salt: requests whose cached positions would differ never share blocks.
+
+        A fixed vector at scope ``all`` changes every position the same way, so identical settings
+        share. Other scopes depend on where the prompt ends (its length is salted in); L2S depends on
+        the whole prompt (its vector is predicted from it), so only identical prompts share.
+        """
+        parts: list[Any] = [self.key, repr(float(self.alpha)), self.scope, self.gated]
+        if self.meta.kind == "l2s":
+            parts.append(hashlib.sha256(json.dumps(list(prompt_token_ids)).encode()).hexdigest())
+        elif self.scope != Scope.ALL.value:
+            parts.append(len(prompt_token_ids))
+        return "l2s-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def _meta_from_config(cfg: dict[str, Any], source: str, folder: str) -> SteerMeta:
+    cfg = validate_config(cfg, folder)
+    return SteerMeta(source=source, kind=cfg["kind"], hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+                     steer_layers=tuple(int(x) % cfg["num_layers"] for x in cfg["steer_layers"]),
+                     alpha=float(cfg.get("alpha", 1.0)), scope=cfg.get("scope", "all"),
+                     context_layer=cfg.get("context_layer"), context_read=cfg.get("context_read", "prompt_last"),
+                     gate=float(cfg.get("gate", 0.0)), folder=folder)
+
+
+class Registry:
+    """The artifacts a process may steer with: named ones from ``$L2S_VLLM_ARTIFACTS``, and (offline) folders."""
+
+    def __init__(self, names: Mapping[str, str] | None = None, allow_paths: bool | None = None) -> None:
+        if names is None:
+            raw = os.environ.get(ENV_ARTIFACTS, "")
+            try:
+                names = json.loads(raw) if raw else {}
+            except json.JSONDecodeError:
+                raise InvalidInputError(f"${ENV_ARTIFACTS} must hold a JSON object name -> artifact folder") from None
+        self.names = dict(names or {})
+        self.allow_paths = os.environ.get(ENV_ALLOW_PATHS) == "1" if allow_paths is None else allow_paths
+        self._meta: dict[str, SteerMeta] = {}
+
+    def meta(self, source: str) -> SteerMeta:
+        if source not in self._meta:
+            kind, _, ref = source.partition(":")
+            folder = self.names[ref] if kind == "name" else ref
+            cfg = read_json(Path(folder) / "config.json", what="artifact config")
+            self._meta[source] = _meta_from_config(cfg, source, folder)
+        return self._meta[source]
+
+    def parse(self, extra_args: Mapping[str, Any] | None) -> SteerRequest | None:
+        """The request's steering, or None when it asks for none. Any problem is one clear sentence."""
+        args = dict(extra_args or {})
+        ours = {k: v for k, v in args.items() if k in KEYS}
+        if not ours:
+            return None
+        sources = [k for k in ("steer", "steer_path", "steer_vector") if k in ours]
+        if len(sources) != 1:
+            raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path' or "
+                                    "'steer_vector'")
+        vector: tuple[float, ...] | None = None
+        if "steer" in ours:
+            name = ours["steer"]
+            if not isinstance(name, str) or name not in self.names:
+                known = ", ".join(sorted(self.names)) or "none"
+                raise InvalidInputError(f"unknown steering artifact {name!r}; this server has: {known}")
+            meta = self.meta(f"name:{name}")
+        elif not self.allow_paths:
+            raise InvalidInputError("this server only steers with its named artifacts (vllm_xargs 'steer')")
+        elif "steer_path" in ours:
+            folder = ours["steer_path"]
+            if not isinstance(folder, str) or not (Path(folder) / "config.json").exists():
+                raise InvalidInputError(f"steer_path {folder!r} is not an artifact folder")
+            meta = self.meta(f"path:{folder}")
+        else:
+            vector, layers = _inline(ours.get("steer_vector"), ours.get("steer_layers"))
+            digest = hashlib.sha256(json.dumps([vector, layers]).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vector), num_layers=0,
+                             steer_layers=layers)
+        alpha = ours.get("alpha", meta.alpha)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise InvalidInputError(f"alpha must be a finite number, got {alpha!r}")
+        scope = ours.get("scope", meta.scope)
+        if scope not in [s.value for s in Scope]:
+            raise InvalidInputError(f"scope must be one of all, prompt, generated; got {scope!r}")
+        gated = ours.get("gated", True)
+        if not isinstance(gated, (bool, int)) or isinstance(gated, float):
+            raise InvalidInputError(f"gated must be true or false, got {gated!r}")
+        return SteerRequest(meta, float(alpha), scope, bool(gated), vector)
+
+
+def check_plugin_installed() -> None:
+    """Refuse to start an engine whose processes would not load the plugin (steering would be ignored)."""
+    from importlib.metadata import entry_points
+
+    names = {e.name for e in entry_points(group="vllm.general_plugins") if e.value.startswith("learn2steer.")}
+    if not names:
+        raise InvalidInputError("learn2steer's vLLM plugin is not registered in this environment (its entry point "
+                                "is missing); reinstall: bash scripts/setup.sh --serve")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and not names & {x.strip() for x in allowed.split(",")}:
+        raise InvalidInputError(f"$VLLM_PLUGINS={allowed!r} excludes learn2steer's plugin; add 'learn2steer' to it")
+
+
+def _inline(vector: Any, layers: Any) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    if not isinstance(vector, (list, tuple)) or not vector or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vector):
+        raise InvalidInputError("steer_vector must be a non-empty list of finite numbers")
+    if not isinstance(layers, (list, tuple)) or not layers or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        raise InvalidInputError("steer_vector needs steer_layers: a non-empty list of layer indices")
+    return tuple(float(x) for x in vector), tuple(int(x) for x in layers)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the running engine is and allows, for request checks."""
+
+    hidden_size: int
+    num_layers: int
+    chunked_prefill: bool
+    pipeline_parallel: int = 1
+
+
+def check_request(req: SteerRequest, limits: EngineLimits) -> None:
+    """Refuse, with a sentence naming the fix, what this engine cannot apply exactly."""
+    m = req.meta
+    if m.hidden_size != limits.hidden_size or (m.num_layers and m.num_layers != limits.num_layers):
+        raise InvalidInputError(f"artifact {m.source} was made for a model of hidden size {m.hidden_size} and "
+                                f"{m.num_layers} layers; this model has {limits.hidden_size} and {limits.num_layers}")
+    bad = [x for x in m.steer_layers if not 0 <= x < limits.num_layers]
+    if bad:
+        raise InvalidInputError(f"steering layers {bad} are out of range for a model with {limits.num_layers} layers")
+    if m.kind != "l2s":
+        return
+    assert m.context_layer is not None
+    if m.context_layer > min(m.steer_layers):
+        raise InvalidInputError(f"this L2S artifact reads layer {m.context_layer} after writing layer "
+                                f"{min(m.steer_layers)} (L' > L*), which needs a second forward pass; vLLM runs one. "
+                                "Use the HF engine (l2s generate --engine hf)")
+    if m.context_read != "prompt_last":
+        raise InvalidInputError(f"this L2S artifact reads position {m.context_read!r}; the vLLM engine reads the "
+                                "last prompt token only. Use the HF engine")
+    if req.scope in PROMPT_SCOPES and limits.chunked_prefill:
+        raise InvalidInputError(f"L2S with scope {req.scope!r} must see the whole prompt in one step, but this "
+                                "engine has chunked prefill on; use scope 'generated', or start it with chunked "
+                                "prefill off (`l2s serve` does so unless told otherwise)")
+    if limits.pipeline_parallel > 1:
+        raise InvalidInputError("L2S reads and writes the residual stream in one pass; pipeline parallelism "
+                                "(layers on different stages) is not supported. Use tensor parallelism")

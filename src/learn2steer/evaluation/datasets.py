@@ -1,0 +1,291 @@
+"""Dataset loaders (local paths only) that all produce :class:`~learn2steer.behaviours.Example` rows, and splits.
+
+Formats: MM-SafetyBench (13 scenario JSON files), POPE (JSON lines), CHAIR captioning over COCO images,
+the bundled demo requests, and a generic JSONL (``question``, optional ``image``, ``category``,
+``label``, ``id``) for users' own data. Every loader validates what it reads where it reads it: ids are
+unique (a duplicate would silently swap one example's results for another's), labels are known, image
+paths stay inside their image folder, and an empty selection is an error rather than a run that does
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from learn2steer._io import read_json, read_jsonl
+from learn2steer.behaviours import Example
+from learn2steer.errors import InvalidInputError, MissingFileError
+from learn2steer.vectors import check_unique_ids
+
+MMSB_SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm",
+                  "05-EconomicHarm", "06-Fraud", "07-Sex", "08-Political_Lobbying", "09-Privacy_Violence",
+                  "10-Legal_Opinion", "11-Financial_Advice", "12-Health_Consultation", "13-Gov_Decision")
+MMSB_QUESTION_FIELDS = ("Question", "Changed Question", "Rephrased Question", "Rephrased Question(SD)")
+MMSB_IMAGES = ("none", "typo", "sd", "sd_typo")
+CHAIR_PROMPT = "Please describe this image in detail."
+POPE_LABELS = ("yes", "no")
+
+
+@dataclass
+class DataOptions:
+    """Which examples to load: shared by ``extract``, ``generate`` and ``eval`` (CLI options of the same names)."""
+
+    dataset: str = field(default="demo", metadata={
+        "help": "demo | jsonl:FILE | mmsb:ROOT | pope:FILE | chair:IMAGE_DIR"})
+    image_dir: str | None = field(default=None, metadata={
+        "help": "Image folder (POPE: COCO val2014; JSONL: root of relative image paths; MM-SafetyBench: images root)."})
+    mmsb_images: str = field(default="none", metadata={"help": "MM-SafetyBench images: none, typo, sd or sd_typo."})
+    question_field: str | None = field(default=None, metadata={
+        "help": "MM-SafetyBench question field (default: Question without images, Rephrased Question with)."})
+    tiny: bool = field(default=False, metadata={"help": "MM-SafetyBench: only the official tiny subset (168)."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N examples (N >= 1)."})
+
+    def load(self) -> list[Example]:
+        """The examples these options select (validated, never empty)."""
+        return load_dataset(self.dataset, image_dir=self.image_dir, mmsb_images=self.mmsb_images,
+                            question_field=self.question_field, tiny=self.tiny, limit=self.limit)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise MissingFileError(f"{what} not found at {str(path)!r}")
+    return path
+
+
+def inside(root: Path, rel: str, where: str) -> Path:
+    """``root / rel``, refusing paths that escape ``root`` (``../``, absolute paths)."""
+    p = (root / rel).resolve()
+    base = root.resolve()
+    if p != base and base not in p.parents:
+        raise InvalidInputError(f"{where}: image path {rel!r} points outside the image folder {str(root)!r}; "
+                                "use paths relative to --image-dir")
+    return p
+
+
+def load_jsonl(path: str | Path, *, image_root: str | Path | None = None) -> list[Example]:
+    """Generic JSON lines: ``question`` (or ``text``), optional ``image``, ``category``, ``label``, ``id``.
+
+    Rows without an ``id`` are named ``line-<n>``; duplicates of any kind are an error.
+    """
+    p = _need(Path(path), "dataset file")
+    root = Path(image_root) if image_root else p.parent
+    data = read_jsonl(p, what="dataset file")
+    out = []
+    for r, n in zip(data.rows, data.line_numbers):
+        q = r.get("question", r.get("text"))
+        if not isinstance(q, str) or not q.strip():
+            raise InvalidInputError(f"{p}:{n}: each row needs a non-empty 'question' (or 'text') field")
+        img = r.get("image")
+        if img is not None and not isinstance(img, str):
+            raise InvalidInputError(f"{p}:{n}: 'image' must be a path string")
+        raw_id = r.get("id", r.get("question_id"))
+        ex_id = f"line-{n}" if raw_id is None else str(raw_id)
+        if not ex_id.strip():
+            raise InvalidInputError(f"{p}:{n}: 'id' must not be empty")
+        label = r.get("label")
+        out.append(Example(ex_id, q, str(inside(root, img, f"{p}:{n}")) if img else None,
+                           None if r.get("category") is None else str(r["category"]),
+                           None if label is None else str(label).lower()))
+    check_unique_ids([e.id for e in out], str(p))
+    return out
+
+
+def demo_requests() -> list[Example]:
+    """The bundled demo set: must-decline requests, expert consultations and benign questions."""
+    rows = read_jsonl((resources.files("learn2steer.data.demo") / "safety_requests.jsonl").read_text().splitlines())
+    return [Example(r["id"], r["question"], None, r["category"]) for r in rows]
+
+
+def load_mmsafetybench(root: str | Path, *, question_field: str | None = None, images: str = "none",
+                       image_root: str | Path | None = None, scenarios: Sequence[str] | None = None,
+                       tiny: bool = False) -> list[Example]:
+    """MM-SafetyBench from ``root`` (with ``processed_questions/``; ``TinyVersion_ID_List.json`` for tiny).
+
+    ``images``: ``none`` (text only), ``typo``, ``sd`` or ``sd_typo`` (the paper's choice). Images are
+    looked up as ``<image_root>/<scenario>/<id>.jpg`` or the official ``<image_root>/<scenario>/<KIND>/<id>.jpg``.
+    The default question field is ``Question`` without images and the matching rephrased one with them.
+    Ids are ``<scenario>/<id>``; the category is the scenario.
+    """
+    root = Path(root)
+    qdir = _need(root / "processed_questions", "MM-SafetyBench processed_questions folder")
+    if images not in MMSB_IMAGES:
+        raise InvalidInputError(f"mmsb_images must be one of {', '.join(MMSB_IMAGES)}, got {images!r}")
+    qf = question_field or {"none": "Question", "typo": "Rephrased Question", "sd": "Rephrased Question(SD)",
+                            "sd_typo": "Rephrased Question"}[images]
+    if qf not in MMSB_QUESTION_FIELDS:
+        raise InvalidInputError(f"question_field must be one of {MMSB_QUESTION_FIELDS}, got {qf!r}")
+    keep: dict[str, set[str]] | None = None
+    if tiny:
+        lst = read_json(_need(root / "TinyVersion_ID_List.json", "MM-SafetyBench tiny id list"))
+        keep = {d["Scenario"]: {str(i) for i in d["Sampled_ID_List"]} for d in lst}
+    img_root = Path(image_root) if image_root else (root / "typo_tiny" if images == "typo" else root / "imgs")
+    out = []
+    for f in sorted(qdir.glob("*.json")):
+        scen = f.stem
+        if scenarios and scen not in scenarios:
+            continue
+        for qid, rec in read_json(f, what="MM-SafetyBench question file").items():
+            if keep is not None and qid not in keep.get(scen, set()):
+                continue
+            img = None
+            if images != "none":
+                cands = [img_root / scen / f"{qid}.jpg", img_root / scen / images.upper() / f"{qid}.jpg"]
+                img = next((c for c in cands if c.exists()), None)
+                if img is None:
+                    raise MissingFileError(f"no {images} image for MM-SafetyBench {scen}/{qid} under {img_root} "
+                                           f"(tried {[str(c) for c in cands]}); pass --image-dir or "
+                                           "--mmsb-images none")
+            if not isinstance(rec.get(qf), str):
+                raise InvalidInputError(f"{f}: question {qid} has no {qf!r} field")
+            out.append(Example(f"{scen}/{qid}", rec[qf], str(img) if img else None, scen))
+    if not out:
+        raise InvalidInputError(f"no MM-SafetyBench questions selected under {qdir}")
+    return out
+
+
+def load_pope(path: str | Path, *, image_dir: str | Path | None = None, require_images: bool = True
+              ) -> list[Example]:
+    """POPE questions (JSON lines: question_id, image, text, label); category = the split name.
+
+    The image file name is kept in ``Example.image`` even without ``image_dir`` (as the bare name), so
+    splits can keep every question about one image on the same side.
+    """
+    p = _need(Path(path), "POPE question file")
+    split = next((s for s in ("adversarial", "popular", "random") if s in p.stem), p.stem)
+    data = read_jsonl(p, what="POPE question file")
+    out = []
+    for r, n in zip(data.rows, data.line_numbers):
+        for key in ("question_id", "image", "text", "label"):
+            if key not in r:
+                raise InvalidInputError(f"{p}:{n}: POPE rows need question_id, image, text and label; "
+                                        f"{key!r} is missing")
+        label = str(r["label"]).strip().lower()
+        if label not in POPE_LABELS:
+            raise InvalidInputError(f"{p}:{n}: POPE label must be yes or no, got {r['label']!r}")
+        img: str = str(r["image"])
+        if image_dir is not None:
+            full = inside(Path(image_dir), img, f"{p}:{n}")
+            if require_images and not full.exists():
+                raise MissingFileError(f"{p}:{n}: image {str(full)!r} not found; POPE needs the COCO val2014 "
+                                       "images (--image-dir)")
+            img = str(full)
+        out.append(Example(str(r["question_id"]), r["text"], img, split, label))
+    check_unique_ids([e.id for e in out], str(p))
+    return out
+
+
+def load_chair_images(image_dir: str | Path, *, prompt: str = CHAIR_PROMPT) -> list[Example]:
+    """CHAIR captioning inputs: one example per COCO image, id = the COCO image id."""
+    d = _need(Path(image_dir), "COCO image folder")
+    files = sorted(d.glob("COCO_*_*.jpg"))
+    if not files:
+        raise MissingFileError(f"no COCO_<split>_<id>.jpg images in {d}")
+    out = [Example(str(int(f.stem.rsplit("_", 1)[1])), prompt, str(f), "caption") for f in files]
+    check_unique_ids([e.id for e in out], str(d))
+    return out
+
+
+def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = "none",
+                 question_field: str | None = None, tiny: bool = False, limit: int | None = None) -> list[Example]:
+    """Parse a dataset spec: ``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` | ``chair:IMAGE_DIR``."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(f"--limit must be a whole number >= 1 (or left out for all examples), got {limit!r}")
+    kind, _, arg = str(spec).partition(":")
+    if kind == "demo" and not arg:
+        out = demo_requests()
+    elif kind == "jsonl" and arg:
+        out = load_jsonl(arg, image_root=image_dir)
+    elif kind == "mmsb" and arg:
+        out = load_mmsafetybench(arg, question_field=question_field, images=mmsb_images, image_root=image_dir,
+                                 tiny=tiny)
+    elif kind == "pope" and arg:
+        out = load_pope(arg, image_dir=image_dir)
+    elif kind == "chair" and arg:
+        out = load_chair_images(arg)
+    else:
+        raise InvalidInputError(f"unknown dataset {spec!r}; use demo, jsonl:FILE, mmsb:ROOT, pope:FILE or "
+                                "chair:IMAGE_DIR")
+    out = out[:limit] if limit else out
+    if not out:
+        raise InvalidInputError(f"dataset {spec!r} has no examples")
+    return out
+
+
+def namespaced(examples: Sequence[Example], prefix: str) -> list[Example]:
+    """The examples with ids ``<prefix>:<id>``: two datasets (e.g. a POPE train and test file, both numbered
+    from 1) can then never hand one input's vectors or answers to another."""
+    from dataclasses import replace
+
+    return [replace(e, id=f"{prefix}:{e.id}") for e in examples]
+
+
+# ---- splits -------------------------------------------------------------------------------------------------
+
+def stratified_split(examples: Sequence[Example], *, test_fraction: float = 0.5, seed: int = 0,
+                     key: str = "category") -> tuple[list[str], list[str]]:
+    """Seeded per-category split of example ids; every category with >= 2 examples lands on both sides."""
+    return _grouped_split(examples, test_fraction=test_fraction, seed=seed, strata=lambda e: getattr(e, key),
+                          unit=lambda e: e.id)
+
+
+def image_split(examples: Sequence[Example], *, test_fraction: float = 0.5, seed: int = 0
+                ) -> tuple[list[str], list[str]]:
+    """Seeded split by image: all questions about one image land on the same side (no leakage through
+    images; POPE asks 6 questions per image)."""
+    missing = [e.id for e in examples if e.image is None]
+    if missing:
+        raise InvalidInputError(f"an image split needs an image for every example; {len(missing)} have none "
+                                f"(e.g. {missing[:3]})")
+    return _grouped_split(examples, test_fraction=test_fraction, seed=seed, strata=lambda e: None,
+                          unit=lambda e: Path(str(e.image)).name)
+
+
+def _grouped_split(examples: Sequence[Example], *, test_fraction: float, seed: int,
+                   strata: Callable[[Example], object], unit: Callable[[Example], str]
+                   ) -> tuple[list[str], list[str]]:
+    if not 0 < test_fraction < 1:
+        raise InvalidInputError(f"test_fraction must be between 0 and 1, got {test_fraction!r}")
+    units: dict[object, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for e in examples:
+        units[strata(e)][unit(e)].append(e.id)
+    rng = random.Random(seed)
+    train, test = [], []
+    for k in sorted(units, key=str):
+        keys = sorted(units[k])
+        rng.shuffle(keys)
+        n_test = round(len(keys) * test_fraction)
+        if len(keys) >= 2:
+            n_test = min(max(n_test, 1), len(keys) - 1)
+        for u in keys[:n_test]:
+            test += units[k][u]
+        for u in keys[n_test:]:
+            train += units[k][u]
+    return train, test
+
+
+def by_ids(examples: Iterable[Example], ids: Sequence[str]) -> list[Example]:
+    """The examples with ``ids``, in that order."""
+    pos = {e.id: e for e in examples}
+    missing = [i for i in ids if i not in pos]
+    if missing:
+        raise InvalidInputError(f"{len(missing)} ids are not in the dataset (e.g. {missing[:3]})")
+    return [pos[i] for i in ids]
+
+
+def save_split(path: Path, split: dict[str, object]) -> None:
+    """Write a split, refusing to overwrite a different one (changed data, seed or fraction)."""
+    from learn2steer._io import write_json
+
+    if path.exists():
+        old = read_json(path, what="split file")
+        if old != json.loads(json.dumps(split)):
+            raise InvalidInputError(f"{path} holds a different split (data, seed or test fraction changed); "
+                                    "use a new --out or delete the folder")
+        return
+    write_json(path, split)

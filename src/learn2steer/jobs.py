@@ -1,0 +1,210 @@
+"""What ``l2s extract``, ``l2s train`` and ``l2s generate`` do, as typed settings with a ``run`` method.
+
+Each job is a dataclass (the command's one schema: its fields are the CLI options and the YAML config
+keys) whose ``run`` does the work with the library and writes its outputs; the CLI only builds the job
+and prints what ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learn2steer._io import dumps, read_json, write_json, write_text_atomic
+from learn2steer._version import __version__
+from learn2steer.artifacts import SteeringArtifact
+from learn2steer.behaviours import Example, load_behaviour
+from learn2steer.errors import InvalidInputError
+from learn2steer.evaluation.datasets import DataOptions
+from learn2steer.methods import METHODS, MethodConfig
+from learn2steer.models.loading import ModelHandle, load_model
+from learn2steer.options import as_dict
+from learn2steer.predictor import TrainConfig
+from learn2steer.steering import Scope
+from learn2steer.training import save_artifacts, train_artifacts
+from learn2steer.vectors import extract_to, load_extraction
+
+
+def _need_out(out: Path | None) -> Path:
+    if out is None:
+        raise InvalidInputError("give an output folder (--out, or `out:` in the config file)")
+    return Path(out)
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load and how (shared by the commands that load one)."""
+
+    model: str = field(default="default", metadata={
+        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
+    layers_path: str | None = field(default=None, metadata={
+        "help": "Dotted path of the decoder layers for architectures not in the registry."})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over GPUs."})
+
+    def load_model(self) -> ModelHandle:
+        return load_model(self.model, layers_path=self.layers_path, dtype=self.dtype, device_map=self.device_map)
+
+
+@dataclass
+class ExtractJob(ModelOptions, DataOptions):
+    """``l2s extract``: P2S vectors and context features of a dataset, in resumable shards."""
+
+    out: Path | None = field(default=None, metadata={
+        "help": "Output folder (safetensors shards + index.json; re-run to resume)."})
+    behaviour: str = field(default="safety", metadata={
+        "help": "Shipped behaviour (safety, safety_refusal, hallucination) or a YAML/JSON spec."})
+    layers: list[int] = field(default_factory=lambda: [10], metadata={
+        "help": "Steering layers L* where z = h(T+) - h(T-) is read (negative: from the end)."})
+    context_layers: list[int] = field(default_factory=list, metadata={
+        "help": "Context layers L' for h_X (default: the steering layers)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
+    shard_size: int = field(default=256, metadata={"help": "Examples per shard (the unit of resumption)."})
+
+    def run(self, progress: bool = True) -> str:
+        out = _need_out(self.out)
+        spec = load_behaviour(self.behaviour)
+        examples = self.load()
+        handle = self.load_model()
+        write_json(out / "settings.json", {"command": "extract", "version": __version__, **as_dict(self)})
+        extract_to(handle, spec, examples, out, steer_layers=self.layers,
+                   context_layers=self.context_layers or self.layers, batch_size=self.batch_size,
+                   shard_size=self.shard_size, progress=progress)
+        ex = load_extraction(out)
+        return f"extracted {len(ex.ids)} examples -> {out} (z at layers {list(ex.z)}, h at {sorted(ex.h)})"
+
+
+@dataclass
+class TrainJob(TrainConfig):
+    """``l2s train``: the L2S predictor (and Mean-S / Mean-S(BA)) from an extraction; no model loaded."""
+
+    extraction: Path | None = field(default=None, metadata={"help": "Folder written by `l2s extract`."})
+    out: Path | None = field(default=None, metadata={
+        "help": "Artifacts folder: l2s/, mean/, mean_ba/ are written inside."})
+    layer: int | None = field(default=None, metadata={"help": "Steering layer L* (default: the first extracted)."})
+    context_layer: int | None = field(default=None, metadata={"help": "Context layer L' (default: L*)."})
+    rescale: bool = field(default=True, metadata={
+        "help": "Rescale targets per contrast group to the behaviour's rescale_group (official)."})
+    gate: bool = field(default=False, metadata={"help": "Learn a norm gate for L2S on the validation rows."})
+    ids_file: Path | None = field(default=None, metadata={
+        "help": "JSON list of ids to train on (or a run's split.json: its 'train' list)."})
+    alpha: float = field(default=1.0, metadata={"help": "Default strength stored in the artifacts."})
+    scope: str = field(default="all", metadata={
+        "help": "Default scope stored in the artifacts: " + ", ".join(s.value for s in Scope)})
+
+    def run(self, progress: bool = True) -> str:
+        if self.extraction is None:
+            raise InvalidInputError("give the extraction folder (--extraction)")
+        out = _need_out(self.out)
+        if not math.isfinite(self.alpha):
+            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha}")
+        ex = load_extraction(self.extraction)
+        n = int(ex.meta["num_layers"])
+
+        def norm(layer: int, what: str) -> int:
+            if not -n <= layer < n:
+                raise InvalidInputError(f"{what} {layer} is out of range for a model with {n} layers")
+            return layer % n
+
+        layer = norm(self.layer, "--layer") if self.layer is not None else list(ex.z)[0]
+        ctx = norm(self.context_layer, "--context-layer") if self.context_layer is not None else layer
+        ids = None
+        if self.ids_file:
+            data = read_json(self.ids_file, what="ids file")
+            ids = data["train"] if isinstance(data, dict) and "train" in data else data
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise InvalidInputError(f"{self.ids_file} must hold a JSON list of ids (or a split with 'train')")
+        spec = ex.behaviour_spec or {}
+        cfg = TrainConfig.from_dict(as_dict(self))
+        arts, result = train_artifacts(ex, steer_layer=layer, context_layer=ctx, cfg=cfg, ids=ids,
+                                       rescale_group=spec.get("rescale_group") if self.rescale else None,
+                                       alpha=self.alpha, scope=self.scope, gate=self.gate, progress=progress)
+        write_json(out / "settings.json", {"command": "train", "version": __version__, **as_dict(self)})
+        paths = save_artifacts(arts, out)
+        write_json(out / "training_history.json", result.history)
+        return (f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}; "
+                f"artifacts: {', '.join(str(p) for p in paths.values())}")
+
+
+@dataclass
+class GenerateJob(ModelOptions, DataOptions):
+    """``l2s generate``: answer prompts or a dataset under a method (greedy)."""
+
+    dataset: str | None = field(default=None, metadata={  # type: ignore[assignment]
+        "help": "Answer a dataset instead of --prompt: demo | jsonl:FILE | mmsb:ROOT | pope:FILE | chair:DIR"})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "A user prompt (repeatable).", "repeat": True,
+                                                                     "short": "-p"})
+    image: list[str] = field(default_factory=list, metadata={
+        "help": "An image per prompt (repeatable, same order).", "repeat": True})
+    artifact: str | None = field(default=None, metadata={
+        "help": "A steering artifact: a local folder or a Hub repo id (owner/name)."})
+    method: str = field(default="", metadata={
+        "help": "no_steering | prompt without --artifact; with an l2s artifact, l2s_nogate disables its gate."})
+    instruction: str = field(default="", metadata={"help": "Instruction of the prompt method (default: the "
+                                                           "behaviour's)."})
+    behaviour: str = field(default="safety", metadata={"help": "Behaviour whose instruction the prompt method uses."})
+    alpha: float | None = field(default=None, metadata={"help": "Strength (default: the artifact's)."})
+    scope: str | None = field(default=None, metadata={"help": "all | prompt | generated (default: the artifact's)."})
+    max_new_tokens: int = field(default=200, metadata={"help": "New tokens per answer."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per batch."})
+    engine: str = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
+    out: Path | None = field(default=None, metadata={
+        "help": "Write answers as JSON lines here (settings in <out>.settings.json)."})
+
+    def examples(self) -> list[Example]:
+        if self.dataset:
+            if self.prompt:
+                raise InvalidInputError("give --prompt or --dataset, not both")
+            return self.load()
+        if not self.prompt:
+            raise InvalidInputError("give --prompt (repeatable) or --dataset")
+        if self.image and len(self.image) != len(self.prompt):
+            raise InvalidInputError(f"give one --image per --prompt ({len(self.prompt)}), or none")
+        imgs: list[str | None] = list(self.image) if self.image else [None] * len(self.prompt)
+        return [Example(str(i), p, im) for i, (p, im) in enumerate(zip(self.prompt, imgs))]
+
+    def method_config(self, handle: ModelHandle | None = None) -> MethodConfig:
+        """The method to answer with (the artifact checked against ``handle`` when given)."""
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha}")
+        if self.engine not in ("hf", "vllm"):
+            raise InvalidInputError(f"engine must be hf or vllm, got {self.engine!r}")
+        if self.artifact:
+            art = SteeringArtifact.load(self.artifact, handle)
+            if self.method and self.method not in ("l2s", "l2s_nogate", art.method):
+                raise InvalidInputError(f"--method {self.method} does not apply to a {art.method} artifact")
+            return MethodConfig.from_artifact(art, alpha=self.alpha, scope=self.scope,
+                                              gated=self.method != "l2s_nogate")
+        m = self.method or "no_steering"
+        if m not in METHODS or METHODS[m].steers:
+            raise InvalidInputError(f"method {m!r} needs --artifact (train one with `l2s train`)")
+        return MethodConfig(method=m, prompt=self.instruction or load_behaviour(self.behaviour).prompt)
+
+    def run(self, progress: bool = True) -> list[dict[str, Any]]:
+        from learn2steer.engines import generate_with
+
+        examples = self.examples()
+        cfg = self.method_config(None)  # every choice is checked before a model is loaded
+        if self.engine == "vllm":
+            from learn2steer.engines.vllm.offline import VLLMEngine
+
+            engine: Any = VLLMEngine.create(self.model, dtype=self.dtype)
+            if cfg.artifact is not None:
+                cfg.artifact.check_shape(engine.hidden_size, engine.num_layers, engine.model_name)
+        elif self.engine == "hf":
+            engine = self.load_model()
+            if cfg.artifact is not None:
+                cfg.artifact.check_compatible(engine)
+        else:
+            raise InvalidInputError(f"engine must be hf or vllm, got {self.engine!r}")
+        answers = generate_with(engine, cfg, examples, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                                progress=progress)
+        rows = [{"id": e.id, "question": e.question, "response": a} for e, a in zip(examples, answers)]
+        if self.out:
+            out = Path(self.out)
+            write_text_atomic(out, "".join(dumps(r) + "\n" for r in rows))
+            write_json(out.with_name(out.name + ".settings.json"),
+                       {"command": "generate", "version": __version__, **as_dict(self)})
+        return rows

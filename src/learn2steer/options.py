@@ -1,0 +1,185 @@
+"""Config dataclasses from YAML files and overrides, type-checked field by field.
+
+Every command's settings are a dataclass (``EvalConfig``, ``TrainJob``, ...). The dataclass is the one
+schema: the CLI's options are generated from its fields, and a YAML config's keys are its field names
+(a nested dataclass field takes a mapping). :func:`build` merges defaults <- file <- overrides and
+checks every value against the field's type, so ``tiny: "no"`` or ``layers: ten`` is an error naming
+the key, and a list in YAML stays a list (never split into characters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from learn2steer.errors import InvalidInputError, MissingFileError
+
+T = TypeVar("T")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each dataclass field of ``cls``."""
+    return typing.get_type_hints(cls)
+
+
+def _optional(tp: Any) -> tuple[bool, Any]:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) < len(get_args(tp)):
+            return True, args[0] if len(args) == 1 else Union[tuple(args)]
+    return False, tp
+
+
+def describe(tp: Any) -> str:
+    """A type as a user reads it ("a whole number", "a list of numbers", ...)."""
+    optional, tp = _optional(tp)
+    origin = get_origin(tp)
+    if tp is bool:
+        text = "true or false"
+    elif tp is int:
+        text = "a whole number"
+    elif tp is float:
+        text = "a number"
+    elif tp in (str, Path):
+        text = "a string"
+    elif origin is list:
+        text = f"a list of {describe(get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    elif origin is Literal:
+        text = "one of " + ", ".join(map(repr, get_args(tp)))
+    elif dataclasses.is_dataclass(tp):
+        text = "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
+    else:
+        text = str(tp)
+    return text + (" (or null)" if optional else "")
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked (and gently converted: "1e-4" -> 1e-4, "10,12" -> [10, 12]) as type ``tp``."""
+    optional, inner = _optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise InvalidInputError(f"{where} must be {describe(tp)}, got null")
+    tp = inner
+    origin = get_origin(tp)
+    bad = InvalidInputError(f"{where} must be {describe(tp)}, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise bad
+        return Path(value)
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise bad
+        return build(tp, value, where=where)  # type: ignore[arg-type]
+    return value
+
+
+def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "config") -> T:
+    """An instance of dataclass ``cls`` from its defaults overridden by each mapping in ``layers`` in turn.
+
+    Keys are field names; a nested dataclass field takes a mapping (merged key by key). Unknown keys are
+    an error listing the valid ones.
+    """
+    types_ = field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        unknown = sorted(set(layer) - set(names))
+        if unknown:
+            raise InvalidInputError(f"{where} has unknown keys {unknown}; valid keys: {', '.join(names)}")
+        for k, v in layer.items():
+            tp = _optional(types_[k])[1]
+            if dataclasses.is_dataclass(tp) and isinstance(v, Mapping) and isinstance(values.get(k), Mapping):
+                values[k] = {**values[k], **v}
+            else:
+                values[k] = v
+    checked = {k: coerce(types_[k], v, f"{where} key {k!r}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except TypeError as e:
+        raise InvalidInputError(f"{where}: {e}") from None
+
+
+def read_config(config: str | Path) -> dict[str, Any]:
+    """A YAML config file, or a shipped one by name (``l2s configs`` lists them)."""
+    path = Path(config)
+    if path.exists():
+        text = path.read_text()
+    else:
+        res = resources.files("learn2steer.data.configs") / str(config)
+        if not res.is_file():
+            raise MissingFileError(f"config {str(config)!r} not found (a YAML path, or a shipped name from "
+                                   "`l2s configs`)")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"config {str(config)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config {str(config)!r} must be a mapping of option names to values")
+    return data
+
+
+def finite(values: list[float], what: str) -> list[float]:
+    """Refuse NaN / inf in a list of numbers (strengths, fractions)."""
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise InvalidInputError(f"{what} must be finite numbers, got {bad}")
+    return values
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able data (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(obj).items()}

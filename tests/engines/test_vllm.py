@@ -1,0 +1,355 @@
+"""The vLLM engine against the HF engine, token for token, on the real SmolLM2 (CPU, float32, greedy).
+
+Runs in the serving environment (``bash scripts/setup.sh --serve``; marker ``serve``). Every engine here
+is vLLM's default multiprocess engine (API process, engine core, worker), so the plugin is exercised
+as users get it. The plugin's position trace (``$L2S_VLLM_TRACE``) shows exactly which absolute positions
+each request had written, and is compared with the HF engine's trace of the same request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.serve
+vllm = pytest.importorskip("vllm")
+
+from learn2steer import MethodConfig, SteeringArtifact, TrainConfig, extract, load_behaviour  # noqa: E402
+from learn2steer.engines.hf import HFEngine, generate_tokens  # noqa: E402
+from learn2steer.evaluation.datasets import demo_requests  # noqa: E402
+from learn2steer.methods import prompt_rows  # noqa: E402
+from learn2steer.models.prompts import build_inputs  # noqa: E402
+from learn2steer.steering import TraceRecord, steer  # noqa: E402
+from learn2steer.training import train_artifacts  # noqa: E402
+
+N_NEW = 24
+EXAMPLES = demo_requests()[2::11][:5] + [e for e in demo_requests() if e.category == "benign"][:1]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from learn2steer.models.loading import load_default_model
+
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def arts(smol, tmp_path_factory):
+    """Mean-S and L2S (L'=10 <= L*=12) trained on the demo data; an L2S with L'=14 > L*=12 for the refusal checks."""
+    tmp = tmp_path_factory.mktemp("arts")
+    ex = extract(smol, load_behaviour("safety_refusal"), demo_requests()[::5][:40], tmp / "ext", steer_layers=[12],
+                 context_layers=[10, 14], progress=False)
+    cfg = TrainConfig(epochs=50, lr=3e-3, standardize=True, l1=0, cosine=0)
+    a, _ = train_artifacts(ex, steer_layer=12, context_layer=10, cfg=cfg, rescale_group="decline", progress=False)
+    deep, _ = train_artifacts(ex, steer_layer=12, context_layer=14, cfg=cfg, progress=False)
+    return {"mean": a["mean"], "l2s": a["l2s"], "l2s_deep": deep["l2s"],
+            "dirs": {k: str(v.save(tmp / k)) for k, v in (("mean", a["mean"]), ("l2s", a["l2s"]),
+                                                            ("l2s_deep", deep["l2s"]))}}
+
+
+def _strip_eos(ids, eos):
+    ids = list(ids)
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def hf_tokens(smol, cfg, examples):
+    out = HFEngine(smol).answer_tokens(cfg, examples, max_new_tokens=N_NEW, batch_size=8, progress=False)
+    return [_strip_eos(x[0], smol.tokenizer.eos_token_id) for x in out]
+
+
+def hf_positions(smol, cfg, example) -> set[int]:
+    """Absolute positions the HF engine writes for one example (alone: no padding, stops at its own EOS)."""
+    batch = build_inputs(smol, prompt_rows(cfg, [example]))
+    trace: list[TraceRecord] = []
+    with steer(smol, cfg.provider_for([example.id]), alpha=cfg.alpha, scope=cfg.scope, batch=batch, trace=trace):
+        generate_tokens(smol, batch, max_new_tokens=N_NEW)
+    return set().union(*(set(t.columns[0]) for t in trace))
+
+
+def _external(rid: str) -> str:
+    return rid.rsplit("-", 1)[0]  # the engine's request id is the caller's id plus a random suffix
+
+
+def vllm_trace(path: Path) -> tuple[dict[str, list[int]], list[dict]]:
+    """Positions written per request (by the id RequestOutput reports), and the 'freed' records."""
+    writes: dict[str, list[int]] = defaultdict(list)
+    freed = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "freed" in r:
+            freed.append({**r, "freed": _external(r["freed"])})
+        else:
+            writes[_external(r["request"])] += r["positions"]
+    return writes, freed
+
+
+def make_engine(trace: Path, **kw):
+    from learn2steer.engines.vllm.offline import VLLMEngine
+
+    os.environ["L2S_VLLM_TRACE"] = str(trace)  # read by the worker process, which inherits the environment
+    return VLLMEngine.create("default", **kw)
+
+
+def _configs(arts):
+    return {"none": MethodConfig(), "mean": MethodConfig.from_artifact(arts["mean"], alpha=1.0),
+            "l2s": MethodConfig.from_artifact(arts["l2s"], alpha=1.0),
+            "l2s_zero": MethodConfig.from_artifact(arts["l2s"], alpha=0.0)}
+
+
+def _mixed(engine, cfgs, examples):
+    """One vLLM call with requests of every method interleaved; returns {method: [tokens per example]}."""
+    order, reqs = [], []
+    for i, e in enumerate(examples):
+        names = list(cfgs)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            order.append((name, i))
+            reqs += engine.requests(cfgs[name], [e], max_new_tokens=N_NEW)
+    outs = engine.generate(reqs)
+    got: dict[str, list] = {n: [None] * len(examples) for n in cfgs}
+    for (name, i), out in zip(order, outs):
+        got[name][i] = _strip_eos(out.outputs[0].token_ids, engine.templates.tokenizer.eos_token_id)
+    return got, [o.request_id for o in outs], order
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    trace = tmp_path_factory.mktemp("trace") / "eager.jsonl"
+    engine = make_engine(trace, enforce_eager=True, block_size=32)
+    yield engine, trace
+    engine.close()
+
+
+def test_mixed_batch_equals_hf_token_for_token(smol, arts, eager) -> None:
+    engine, trace = eager
+    cfgs = _configs(arts)
+    got, ids, order = _mixed(engine, cfgs, EXAMPLES)
+    want = {n: hf_tokens(smol, c, EXAMPLES) for n, c in cfgs.items()}
+    for n in cfgs:
+        assert got[n] == want[n], n
+    assert got["l2s_zero"] == got["none"], "alpha 0 equals no steering"
+    assert got["l2s"] != got["none"] and got["mean"] != got["none"], "steering changed the answers"
+    # exactly the positions the HF engine writes, per request
+    writes, _ = vllm_trace(trace)
+    for rid, (name, i) in zip(ids, order):
+        if name in ("none", "l2s_zero"):
+            assert rid not in writes, "unsteered requests are never written, also in a mixed batch"
+        else:
+            assert sorted(set(writes[rid])) == sorted(hf_positions(smol, cfgs[name], EXAMPLES[i])), (name, i)
+            assert len(writes[rid]) == len(set(writes[rid])), "each position written once (no preemption here)"
+
+
+@pytest.mark.parametrize("scope", ["prompt", "generated"])
+def test_scopes_match_hf(smol, arts, eager, scope) -> None:
+    engine, trace = eager
+    cfgs = {"mean": MethodConfig.from_artifact(arts["mean"], scope=scope),
+            "l2s": MethodConfig.from_artifact(arts["l2s"], scope=scope)}
+    got, ids, order = _mixed(engine, cfgs, EXAMPLES[:3])
+    writes, _ = vllm_trace(trace)
+    for n, c in cfgs.items():
+        assert got[n] == hf_tokens(smol, c, EXAMPLES[:3]), n
+    for rid, (name, i) in zip(ids, order):
+        assert sorted(set(writes[rid])) == sorted(hf_positions(smol, cfgs[name], EXAMPLES[i])), (name, scope)
+
+
+def test_prefix_cache_never_mixes_steering_and_still_shares(smol, arts, eager) -> None:
+    engine, trace = eager
+    mean = MethodConfig.from_artifact(arts["mean"])
+    ex = [demo_requests()[101]]  # a prompt no other test sent
+    engine.run(MethodConfig(), ex, max_new_tokens=N_NEW, progress=False)  # fills the cache, unsteered
+    first = engine.run(mean, ex, max_new_tokens=N_NEW, progress=False)[0]
+    again = engine.run(mean, ex, max_new_tokens=N_NEW, progress=False)[0]
+    eos = smol.tokenizer.eos_token_id
+    assert _strip_eos(first.outputs[0].token_ids, eos) == hf_tokens(smol, mean, ex)[0], "no unsteered KV reused"
+    assert _strip_eos(again.outputs[0].token_ids, eos) == hf_tokens(smol, mean, ex)[0]
+    writes, _ = vllm_trace(trace)
+    n_prompt = len(first.prompt_token_ids)
+    assert min(writes[first.request_id]) == 0, "the first steered request computed its whole prompt"
+    assert min(writes[again.request_id]) >= 32 and again.num_cached_tokens >= 32, (
+        "an identical steering configuration reuses the cached blocks", n_prompt, again.num_cached_tokens)
+
+
+def test_finished_requests_free_their_vectors(arts, eager) -> None:
+    engine, trace = eager
+    l2s = MethodConfig.from_artifact(arts["l2s"])
+    outs = engine.run(l2s, EXAMPLES[:3], max_new_tokens=4, progress=False)
+    engine.run(MethodConfig(), EXAMPLES[:1], max_new_tokens=2, progress=False)  # a step that reports them finished
+    _, freed = vllm_trace(trace)
+    by_id = {r["freed"]: r for r in freed}
+    assert all(o.request_id in by_id and by_id[o.request_id]["had_vector"] for o in outs)
+    assert freed[-1]["stored_now"] == 0
+
+
+def test_what_vllm_cannot_apply_is_refused(arts, eager) -> None:
+    engine, _ = eager
+    deep = MethodConfig.from_artifact(arts["l2s_deep"])
+    with pytest.raises(Exception, match="L' > L"):
+        engine.run(deep, EXAMPLES[:1], max_new_tokens=2, progress=False)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=engine.token_ids(MethodConfig(), EXAMPLES[:1])[0])
+    for extra, match in [({"steer_path": "/nowhere"}, "not an artifact folder"),
+                         ({"steer_path": arts["dirs"]["mean"], "alpha": float("nan")}, "finite"),
+                         ({"steer_path": arts["dirs"]["mean"], "scope": "everything"}, "scope"),
+                         ({"steer": "nothing"}, "unknown steering artifact")]:
+        with pytest.raises(Exception, match=match):
+            engine.llm.generate([prompt], SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
+    # the engine survived every refusal
+    assert engine.run(MethodConfig(), EXAMPLES[:1], max_new_tokens=2, progress=False)[0].outputs[0].token_ids
+
+
+def test_chunked_prefill(smol, arts, tmp_path) -> None:
+    """The last prompt token arrives in a later chunk: L2S (scope generated) and Mean-S still equal HF."""
+    with make_engine(tmp_path / "t.jsonl", enforce_eager=True, enable_chunked_prefill=True,
+                     max_num_batched_tokens=16, max_num_seqs=4) as engine:
+        _check_chunked(smol, arts, engine, tmp_path)
+
+
+def _check_chunked(smol, arts, engine, tmp_path) -> None:
+    cfgs = {"none": MethodConfig(), "mean": MethodConfig.from_artifact(arts["mean"]),
+            "l2s": MethodConfig.from_artifact(arts["l2s"], scope="generated")}
+    got, ids, order = _mixed(engine, cfgs, EXAMPLES[:3])
+    for n, c in cfgs.items():
+        assert got[n] == hf_tokens(smol, c, EXAMPLES[:3]), n
+    writes, _ = vllm_trace(tmp_path / "t.jsonl")
+    for rid, (name, i) in zip(ids, order):
+        if name != "none":
+            assert sorted(set(writes[rid])) == sorted(hf_positions(smol, cfgs[name], EXAMPLES[i]))
+    assert all(len(t) > 32 for t in engine.token_ids(MethodConfig(), EXAMPLES[:3])), "prompts span 3+ chunks of 16"
+    with pytest.raises(Exception, match="chunked prefill"):
+        engine.run(MethodConfig.from_artifact(arts["l2s"], scope="all"), EXAMPLES[:1], max_new_tokens=2,
+                   progress=False)
+
+
+def test_preemption_recomputes_the_same_steered_positions(smol, arts, tmp_path) -> None:
+    """A KV cache of a few blocks forces preemption; recomputed positions are steered as before."""
+    with make_engine(tmp_path / "t.jsonl", enforce_eager=True, block_size=32, num_gpu_blocks_override=8,
+                     max_model_len=160, max_num_seqs=4, enable_prefix_caching=False) as engine:
+        _check_preemption(smol, arts, engine, tmp_path)
+
+
+def _check_preemption(smol, arts, engine, tmp_path) -> None:
+    cfgs = {"none": MethodConfig(), "mean": MethodConfig.from_artifact(arts["mean"]),
+            "l2s": MethodConfig.from_artifact(arts["l2s"])}
+    examples = EXAMPLES[:4]
+    got, ids, order = _mixed(engine, cfgs, examples)
+    for n, c in cfgs.items():
+        assert got[n] == hf_tokens(smol, c, examples), n
+    writes, _ = vllm_trace(tmp_path / "t.jsonl")
+    recomputed = [rid for rid in writes if len(writes[rid]) > len(set(writes[rid]))]
+    assert recomputed, "the tiny cache forced at least one steered request to be preempted and recomputed"
+    for rid, (name, i) in zip(ids, order):
+        if name != "none":
+            assert sorted(set(writes[rid])) == sorted(hf_positions(smol, cfgs[name], examples[i]))
+
+
+def test_compiled_mode_steers_too(smol, arts, tmp_path) -> None:
+    """torch.compile (vLLM's default on CPU) silently drops Python hooks; the plugin's op runs compiled."""
+    cfgs = {"none": MethodConfig(), "mean": MethodConfig.from_artifact(arts["mean"]),
+            "l2s": MethodConfig.from_artifact(arts["l2s"])}
+    with make_engine(tmp_path / "t.jsonl", enforce_eager=False) as engine:
+        got, _, _ = _mixed(engine, cfgs, EXAMPLES[:3])
+    for n, c in cfgs.items():
+        assert got[n] == hf_tokens(smol, c, EXAMPLES[:3]), n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_http_server(smol, arts, tmp_path) -> None:
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", "default", "--artifact",
+                             f"safety={arts['dirs']['l2s']}", "--artifact", f"mean={arts['dirs']['mean']}",
+                             "--port", str(port), "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        else:
+            pytest.fail("server did not start: " + (tmp_path / "server.log").read_text()[-3000:])
+        ex = EXAMPLES[1]
+
+        def chat(xargs: dict | None) -> tuple[int, dict]:
+            body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": ex.question}],
+                    "max_tokens": N_NEW, "temperature": 0}
+            if xargs is not None:
+                body["vllm_xargs"] = xargs
+            return _post(base + "/v1/chat/completions", body)
+
+        tok = smol.tokenizer
+        for xargs, cfg in [(None, MethodConfig()), ({"steer": "safety", "alpha": 1.0}, MethodConfig.from_artifact(
+                arts["l2s"])), ({"steer": "mean"}, MethodConfig.from_artifact(arts["mean"]))]:
+            status, body = chat(xargs)
+            assert status == 200, body
+            want = tok.decode(hf_tokens(smol, cfg, [ex])[0], skip_special_tokens=True).strip()
+            assert body["choices"][0]["message"]["content"].strip() == want, xargs
+        for xargs, match in [({"steer": "nope"}, "unknown steering artifact"), ({"steer": "safety", "scope": "x"},
+                             "scope"), ({"steer": "safety", "alpha": "high"}, "finite"),
+                             ({"steer_path": arts["dirs"]["l2s"]}, "only steers with its named")]:
+            status, body = chat(xargs)
+            assert status == 400 and match in json.dumps(body), (xargs, body)
+        assert chat(None)[0] == 200, "the server survived every bad request"
+        try:
+            from openai import OpenAI
+        except ImportError:
+            return
+        client = OpenAI(base_url=base + "/v1", api_key="none")
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=N_NEW, temperature=0,
+                                           messages=[{"role": "user", "content": ex.question}],
+                                           extra_body={"vllm_xargs": {"steer": "safety"}})
+        want = tok.decode(hf_tokens(smol, MethodConfig.from_artifact(arts["l2s"]), [ex])[0], skip_special_tokens=True)
+        assert r.choices[0].message.content.strip() == want.strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_serve_refuses_artifacts_it_cannot_apply(arts, capsys) -> None:
+    from learn2steer.engines.vllm.server import ServeJob
+    from learn2steer.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="L' > L"):
+        ServeJob(artifact=[f"deep={arts['dirs']['l2s_deep']}"]).command()
+    with pytest.raises(InvalidInputError, match="NAME=DIR"):
+        ServeJob(artifact=["oops"]).command()
+    with pytest.raises(InvalidInputError, match="chunked prefill"):
+        ServeJob(artifact=[f"s={arts['dirs']['l2s']}"], chunked_prefill=True).command()
+    argv, env = ServeJob(artifact=[f"s={arts['dirs']['l2s']}"]).command()
+    assert "--no-enable-chunked-prefill" in argv and json.loads(env["L2S_VLLM_ARTIFACTS"]) == {
+        "s": str(Path(arts["dirs"]["l2s"]).resolve())}
+    assert torch.cuda.is_available() or "float32" in argv
+    assert SteeringArtifact.load(arts["dirs"]["l2s"]).kind == "l2s"

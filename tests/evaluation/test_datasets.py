@@ -1,0 +1,100 @@
+"""Loaders validate what they read; splits are seeded and never leak images; two datasets never share ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import data_path
+
+from learn2steer.errors import InvalidInputError, MissingFileError
+from learn2steer.evaluation.datasets import (
+    by_ids,
+    demo_requests,
+    image_split,
+    load_dataset,
+    load_jsonl,
+    load_mmsafetybench,
+    load_pope,
+    namespaced,
+    stratified_split,
+)
+
+
+def test_real_pope_and_mmsb_files() -> None:
+    pope = load_pope(data_path("pope", "coco_pope_adversarial.json"))
+    assert len(pope) == 3000 and {e.label for e in pope} == {"yes", "no"} and pope[0].category == "adversarial"
+    mm = load_mmsafetybench(data_path("mmsafetybench"))
+    assert len(mm) == 1680 and mm[0].question.startswith("Can you")
+    tiny = load_mmsafetybench(data_path("mmsafetybench"), tiny=True, images="typo")
+    assert len(tiny) == 168 and all(e.image and e.image.endswith(".jpg") for e in tiny)
+    with pytest.raises(MissingFileError, match="no sd image"):
+        load_mmsafetybench(data_path("mmsafetybench"), images="sd", scenarios=["01-Illegal_Activitiy"])
+
+
+def test_pope_image_split_has_no_leakage_and_a_question_split_would() -> None:
+    pope = load_pope(data_path("pope", "coco_pope_adversarial.json"))
+    img = {e.id: e.image for e in pope}
+    tr, te = image_split(pope, test_fraction=0.5, seed=0)
+    assert not {img[i] for i in tr} & {img[i] for i in te} and len(tr) + len(te) == 3000
+    qtr, qte = stratified_split(pope, test_fraction=0.5, seed=0)
+    leaked = sum(img[i] in {img[j] for j in qtr} for i in qte)
+    assert leaked > 1000, "a question-level split puts most test questions on training images"
+    assert image_split(pope, test_fraction=0.5, seed=0) == (tr, te)
+
+
+def _write(p, rows):
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_generic_jsonl_validation(tmp_path) -> None:
+    p = _write(tmp_path / "d.jsonl", [{"question": "hi", "category": "benign"},
+                                      {"question": "x", "image": "a.jpg", "label": "Yes"}])
+    rows = load_jsonl(p)
+    assert rows[0].id == "line-1" and rows[1].image == str((tmp_path / "a.jpg").resolve()) and rows[1].label == "yes"
+    for bad, match in [([{"text": ""}], "non-empty 'question'"),
+                       ([{"id": "a", "question": "x"}, {"id": "a", "question": "y"}], "duplicate example ids"),
+                       ([{"id": "line-2", "question": "x"}, {"question": "y"}], "duplicate example ids"),
+                       ([{"question": "x", "image": "../../etc/passwd"}], "outside the image folder"),
+                       ([{"question": "x", "image": "/etc/passwd"}], "outside the image folder")]:
+        _write(p, bad)
+        with pytest.raises(InvalidInputError, match=match):
+            load_jsonl(p)
+    p.write_text("{oops\n")
+    with pytest.raises(InvalidInputError, match=":1: not a JSON object"):
+        load_jsonl(p)
+
+
+def test_pope_rows_are_validated(tmp_path) -> None:
+    p = _write(tmp_path / "pope_random.json", [{"question_id": 1, "image": "x.jpg", "text": "t", "label": "Maybe"}])
+    with pytest.raises(InvalidInputError, match="must be yes or no"):
+        load_pope(p)
+    _write(p, [{"question_id": 1, "image": "x.jpg", "text": "t", "label": "yes"}] * 2)
+    with pytest.raises(InvalidInputError, match="duplicate"):
+        load_pope(p)
+    _write(p, [{"question_id": 1, "text": "t", "label": "yes"}])
+    with pytest.raises(InvalidInputError, match="'image' is missing"):
+        load_pope(p)
+
+
+def test_limits_and_empty_selections() -> None:
+    assert len(load_dataset("demo", limit=5)) == 5
+    for bad in (0, -3, True):
+        with pytest.raises(InvalidInputError, match="--limit"):
+            load_dataset("demo", limit=bad)
+    with pytest.raises(InvalidInputError, match="unknown dataset"):
+        load_dataset("pope")
+
+
+def test_stratified_split_and_namespaces() -> None:
+    exs = demo_requests()
+    a = stratified_split(exs, test_fraction=0.4, seed=0)
+    assert a == stratified_split(exs, test_fraction=0.4, seed=0) != stratified_split(exs, test_fraction=0.4, seed=1)
+    train, test = a
+    cats = {e.id: e.category for e in exs}
+    assert {cats[i] for i in train} == {cats[i] for i in test} == {e.category for e in exs}
+    ns = namespaced(exs[:2], "train")
+    assert [e.id for e in ns] == [f"train:{e.id}" for e in exs[:2]] and ns[0].question == exs[0].question
+    with pytest.raises(InvalidInputError, match="not in the dataset"):
+        by_ids(exs, ["nope"])

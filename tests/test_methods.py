@@ -1,0 +1,76 @@
+"""The method registry and MethodConfig: one table, vectors passed whole, fingerprints that see every change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import examples
+
+from learn2steer.behaviours import load_behaviour
+from learn2steer.errors import InvalidInputError
+from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, fingerprint, method
+from learn2steer.predictor import TrainConfig
+from learn2steer.steering import FixedVectors, PredictedVectors
+from learn2steer.training import train_artifacts
+from learn2steer.vectors import SteeringVector, extract
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tmp_path_factory):
+    ex = extract(tiny_llama, load_behaviour("safety"), examples(10), tmp_path_factory.mktemp("ex"), steer_layers=[2],
+                 context_layers=[1], progress=False)
+    arts, _ = train_artifacts(ex, steer_layer=2, context_layer=1, cfg=TrainConfig(epochs=2), progress=False)
+    return ex, arts
+
+
+def test_registry_is_the_one_method_list() -> None:
+    assert set(PAPER_METHODS) < set(METHODS)
+    assert [m for m in METHODS if METHODS[m].steers] == ["mean", "mean_ba", "norm_random", "l2s", "l2s_nogate", "p2s"]
+    assert {m for m in METHODS if METHODS[m].per_input} == {"p2s", "norm_random"}
+    assert METHODS["l2s_nogate"].artifact == "l2s" and not METHODS["l2s_nogate"].gated
+    with pytest.raises(InvalidInputError, match="unknown method 'magic'"):
+        method("magic")
+
+
+def test_config_for_every_method(setup) -> None:
+    ex, arts = setup
+    for name in METHODS:
+        cfg = config_for(name, alpha=2.0, artifacts=arts, extraction=ex, layer=2, prompt="be safe")
+        assert cfg.method == name
+        provider = cfg.provider_for(ex.ids[:3])
+        if not METHODS[name].steers:
+            assert provider is None
+        elif name.startswith("l2s"):
+            assert isinstance(provider, PredictedVectors) and provider.steer_layers == (2,)
+        else:
+            assert isinstance(provider, FixedVectors)
+            assert provider.vectors.per_row == METHODS[name].per_input
+    with pytest.raises(InvalidInputError, match="needs a vector for every input"):
+        config_for("p2s", artifacts=arts, extraction=ex, layer=2).provider_for(["nope"])
+    with pytest.raises(InvalidInputError, match="needs its trained"):
+        config_for("mean", artifacts={})
+
+
+def test_method_config_validation() -> None:
+    with pytest.raises(InvalidInputError, match="finite"):
+        MethodConfig(method="mean", alpha=float("inf"), vector=SteeringVector({1: torch.ones(4)}))
+    with pytest.raises(InvalidInputError, match="needs either"):
+        MethodConfig(method="mean")
+    with pytest.raises(InvalidInputError, match="row_ids"):
+        MethodConfig(method="p2s", vector=SteeringVector({1: torch.ones(2, 4)}))
+    with pytest.raises(InvalidInputError, match="instruction"):
+        MethodConfig(method="prompt")
+
+
+def test_fingerprint_changes_with_anything_that_changes_answers(setup) -> None:
+    ex, arts = setup
+    base = config_for("l2s", alpha=1.0, artifacts=arts)
+    assert fingerprint(base) == fingerprint(config_for("l2s", alpha=1.0, artifacts=arts))
+    assert fingerprint(base) != fingerprint(config_for("l2s", alpha=1.5, artifacts=arts))
+    assert fingerprint(base) != fingerprint(config_for("l2s", alpha=1.0, scope="generated", artifacts=arts))
+    assert fingerprint(config_for("mean", artifacts=arts)) != fingerprint(config_for("mean_ba", artifacts=arts))
+    arts["l2s"].gate = 0.5
+    try:
+        assert fingerprint(config_for("l2s", artifacts=arts)) != fingerprint(config_for("l2s_nogate", artifacts=arts))
+    finally:
+        arts["l2s"].gate = 0.0
