@@ -29,6 +29,7 @@ from typing import Callable
 import psutil
 import torch
 
+from benchmarks.common import print_table, ratio, timings
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.evaluation.datasets import demo_requests
@@ -39,23 +40,6 @@ from learn2steer.steering import PredictedVectors, steer
 from learn2steer.vectors import SteeringVector, extract_to, p2s_batch
 
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
-
-
-def timings(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Wall times of each function per repetition; variants interleaved, their order rotated every repetition."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def ratio(times: dict[str, list[float]], base: str, other: str) -> float:
-    """Median over repetitions of base/other time, each pair taken back to back (cancels slow drift)."""
-    return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
 # ---- 1. generation overhead -----------------------------------------------------------------------------
@@ -353,14 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return result
-
-
-def print_table(rows: list[tuple[str, float, str]]) -> None:
-    """Print figure / value / target rows."""
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'figure'.ljust(width)}  {'value':>10}  target")
-    for name, v, target in rows:
-        print(f"{name.ljust(width)}  {v:>10.4g}  {target}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -57,3 +58,25 @@ def synthetic_images() -> list[Image.Image]:
     g = torch.Generator().manual_seed(0)
     sizes = [(64, 48), (90, 120)]
     return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    from learn2steer.models.tiny import tiny_model
+
+    h = tiny_model("llama")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    h.model.save_pretrained(d)
+    h.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """120 safety-style requests over decline / defer / benign categories."""
+    from learn2steer.evaluation.datasets import demo_requests
+
+    d = tmp_path_factory.mktemp("data") / "requests.jsonl"
+    rows = [{"id": e.id, "question": e.question, "category": e.category} for e in demo_requests()[::2][:120]]
+    d.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d

@@ -189,6 +189,7 @@ class SteeringArtifact:
     # -- files ---------------------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
+        """Everything but the tensors, as written to ``config.json`` (the file list is added on save)."""
         cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
         for k in ("kind", "method", "model", "hidden_size", "num_layers", "steer_layers", "context_layer",
                   "context_read", "read_position", "alpha", "scope", "gate", "behaviour", "training", "figures",

@@ -95,9 +95,11 @@ class BehaviourSpec:
 
     @property
     def read(self) -> str:
+        """Where the P2S target is read (shared by every contrast of the spec)."""
         return next(iter(self.contrasts.values())).read
 
     def contrast_name(self, example: Example) -> str:
+        """The contrast an example gets, by its category (or the spec's default)."""
         name = self.categories.get(example.category or "", self.default)
         if name is None:
             raise InvalidInputError(f"behaviour {self.name!r} has no contrast for category {example.category!r} and no "
@@ -121,10 +123,12 @@ class BehaviourSpec:
                 PromptRow(text, example.image, completion=c.negative.format(**fields)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (stored in extractions and artifacts, so results say what made them)."""
         return asdict(self)
 
     @property
     def fingerprint(self) -> str:
+        """A short hash of the spec: an extraction refuses to resume under a changed spec."""
         return fingerprint(self.to_dict())
 
     def group(self, category: str | None) -> str:
@@ -142,6 +146,7 @@ class BehaviourSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BehaviourSpec":
+        """Build and validate a spec from parsed YAML / JSON; every problem is one sentence."""
         if not isinstance(d, dict):
             raise InvalidInputError("a behaviour spec must be a mapping (YAML keys name, contrasts, categories, ...)")
         d = dict(d)
@@ -164,6 +169,7 @@ class BehaviourSpec:
 
 
 def shipped_behaviours() -> list[str]:
+    """Names of the behaviour specs that ship with learn2steer (``load_behaviour(name)``)."""
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("learn2steer.data.behaviours").iterdir()
                   if p.name.endswith(".yaml"))
 

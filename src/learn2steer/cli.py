@@ -119,6 +119,7 @@ def command(target: typer.Typer, name: str, cls: type, run: Callable[[Any], None
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                                     default=typer.Option(None, "--config", help="YAML file (or shipped config name, "
                                                          "see `l2s configs`) with option values; flags win.")))
+    # typer reads a command's options from its signature; functions accept __signature__ but do not declare it
     entry.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     entry.__doc__ = help
     target.command(name)(entry)

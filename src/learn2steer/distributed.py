@@ -25,6 +25,7 @@ class Ranks:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes shared files (index, results, report)."""
         return self.rank == 0
 
     def mine(self, items: Sequence[T]) -> list[T]:

@@ -45,6 +45,7 @@ class ModelOptions:
     device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over GPUs."})
 
     def load_model(self) -> ModelHandle:
+        """Load the chosen model (local folders only)."""
         return load_model(self.model, layers_path=self.layers_path, dtype=self.dtype, device_map=self.device_map)
 
 
@@ -64,6 +65,7 @@ class ExtractJob(ModelOptions, DataOptions):
     shard_size: int = field(default=256, metadata={"help": "Examples per shard (the unit of resumption)."})
 
     def run(self, progress: bool = True) -> str:
+        """Extract (resumable) and return a one-line summary."""
         out = _need_out(self.out)
         spec = load_behaviour(self.behaviour)
         examples = self.load()
@@ -95,6 +97,7 @@ class TrainJob(TrainConfig):
         "help": "Default scope stored in the artifacts: " + ", ".join(s.value for s in Scope)})
 
     def run(self, progress: bool = True) -> str:
+        """Train from the extraction, save the artifacts and return a one-line summary."""
         if self.extraction is None:
             raise InvalidInputError("give the extraction folder (--extraction)")
         out = _need_out(self.out)
@@ -132,6 +135,7 @@ class TrainJob(TrainConfig):
 class GenerateJob(ModelOptions, DataOptions):
     """``l2s generate``: answer prompts or a dataset under a method (greedy)."""
 
+    # the same option as DataOptions.dataset, optional here (prompts can be given instead): a narrower override
     dataset: str | None = field(default=None, metadata={  # type: ignore[assignment]
         "help": "Answer a dataset instead of --prompt: demo | jsonl:FILE | mmsb:ROOT | pope:FILE | chair:DIR"})
     prompt: list[str] = field(default_factory=list, metadata={"help": "A user prompt (repeatable).", "repeat": True,
@@ -154,6 +158,7 @@ class GenerateJob(ModelOptions, DataOptions):
         "help": "Write answers as JSON lines here (settings in <out>.settings.json)."})
 
     def examples(self) -> list[Example]:
+        """The prompts (with their images) or the dataset to answer; mixing both is an error."""
         if self.dataset:
             if self.prompt:
                 raise InvalidInputError("give --prompt or --dataset, not both")
@@ -183,6 +188,7 @@ class GenerateJob(ModelOptions, DataOptions):
         return MethodConfig(method=m, prompt=self.instruction or load_behaviour(self.behaviour).prompt)
 
     def run(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Answer every example and write them (with the settings) when ``out`` is given."""
         from learn2steer.engines import generate_with
 
         examples = self.examples()

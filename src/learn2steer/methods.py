@@ -47,6 +47,7 @@ class Method:
 
     @property
     def steers(self) -> bool:
+        """True when the method changes activations (artifact or per-input vectors)."""
         return self.source in ("artifact", "extraction")
 
     @property
@@ -118,10 +119,12 @@ class MethodConfig:
 
     @property
     def info(self) -> Method:
+        """The method's registry entry."""
         return method(self.method)
 
     @property
     def steers(self) -> bool:
+        """True when this configuration changes activations."""
         return self.info.steers
 
     @classmethod
@@ -172,7 +175,7 @@ def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
     if extraction is None or layer is None:
         raise InvalidInputError(f"method {name!r} needs P2S vectors of the inputs it answers (an extraction) "
                                 "and the steering layer")
-    z = p2s_vectors(extraction, layer, arts.get("l2s"))
+    z = p2s_vectors(extraction, layer, arts.get("l2s_trained") or arts.get("l2s"))
     vecs = z if name == "p2s" else norm_random(z, seed=seed)
     return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids))
 

@@ -15,7 +15,7 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Mapping, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
@@ -118,7 +118,7 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise bad
-        return build(tp, value, where=where)  # type: ignore[arg-type]
+        return build(cast(type, tp), value, where=where)
     return value
 
 
@@ -129,7 +129,7 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "config"
     an error listing the valid ones.
     """
     types_ = field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cast(Any, cls))]
     values: dict[str, Any] = {}
     for layer in layers:
         if not layer:

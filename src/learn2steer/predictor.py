@@ -44,17 +44,21 @@ class L2SNet(nn.Module):
 
     @property
     def d_in(self) -> int:
+        """Width of the context features it reads."""
         return self.encoder.in_features
 
     @property
     def d_out(self) -> int:
+        """Width of the vectors it predicts."""
         return self.decoder.out_features
 
     @property
     def hidden(self) -> int:
+        """K, the bottleneck width."""
         return self.encoder.out_features
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """g(h) for ``h`` of shape [rows, d_in] (standardised with the stored statistics)."""
         x = (h.to(self.in_mean.dtype) - self.in_mean) / self.in_std
         return self.decoder(torch.tanh(self.encoder(x)))
 
@@ -79,6 +83,7 @@ class Gated(nn.Module):
         self.threshold = float(threshold)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The wrapped net's prediction, zeroed for rows whose norm is under the threshold."""
         v = self.net(h)
         return v * (v.norm(dim=-1, keepdim=True) >= self.threshold)
 
@@ -128,6 +133,7 @@ class TrainConfig:
             raise InvalidInputError(f"warmup_epochs must be between 0 and epochs, got {self.warmup_epochs!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data (stored in artifacts)."""
         return asdict(self)
 
     @classmethod
@@ -149,6 +155,7 @@ class TrainResult:
     val_idx: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """Best epoch and its losses, as stored in the artifact's ``training`` record."""
         last = self.history[self.best_epoch] if self.history else {}
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
                 **{f"best_{k}": v for k, v in last.items() if k != "epoch"}}

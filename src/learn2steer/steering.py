@@ -49,6 +49,7 @@ class Scope(str, Enum):
 
     @classmethod
     def parse(cls, value: "Scope | str") -> "Scope":
+        """A scope from its name; an unknown name is one sentence listing the valid ones."""
         try:
             return cls(value)
         except ValueError:
@@ -57,21 +58,22 @@ class Scope(str, Enum):
 
 # ---- position rules (pure) ------------------------------------------------------------------------------
 
-def scope_selects(scope: Scope | str, positions: torch.Tensor, prompt_len: torch.Tensor | int) -> torch.Tensor:
+def scope_selects(scope: Scope | str, positions: Any, prompt_len: Any) -> Any:
     """Bool mask: which ``positions`` (absolute, 0-based, in one sequence) ``scope`` steers.
 
     ``prompt_len`` is the number of prompt tokens (broadcast against ``positions``). This is the one
-    definition of the prompt boundary that both engines use.
+    definition of the prompt boundary that both engines use; it works on torch tensors, numpy arrays and
+    plain integers alike (the vLLM plugin runs it on numpy, once per request and step).
 
     >>> scope_selects("generated", torch.arange(5), 3).tolist()
     [False, False, True, True, True]
     """
     scope = Scope.parse(scope)
     if scope is Scope.ALL:
-        return torch.ones_like(positions, dtype=torch.bool)
+        return positions >= 0  # every position (positions are never negative)
     if scope is Scope.PROMPT:
         return positions < prompt_len
-    return positions >= torch.as_tensor(prompt_len) - 1
+    return positions >= prompt_len - 1
 
 
 def step_mask(scope: Scope | str, real: torch.Tensor, past_len: int, cur_len: int, rows: int | None = None
@@ -107,9 +109,18 @@ class Layout:
     prompt_len: int
     real: torch.Tensor                  # [B, P] bool
     read_columns: dict[str, torch.Tensor] = field(default_factory=dict)  # position name -> [B] columns
+    _on: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def real_on(self, device: torch.device) -> torch.Tensor:
+        """The padding mask on ``device`` (copied once per device, not at every step)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = self.real.to(device)
+        return self._on[key]
 
     @classmethod
     def of(cls, batch: Batch) -> "Layout":
+        """The layout of a generation batch (a batch with completions is refused)."""
         if bool((batch.span_end > batch.span_start).any()):
             raise InvalidInputError("steering a generation needs a batch of prompts without teacher-forced "
                                     "completions")
@@ -130,6 +141,7 @@ class Step:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # per device, built once per call
 
     def contains(self, column: int) -> bool:
+        """Whether absolute column ``column`` is among this call's columns."""
         return self.past_len <= column < self.past_len + self.cur_len
 
 
@@ -137,14 +149,22 @@ class VectorProvider(Protocol):
     """Supplies the vector to add at a layer; may read an earlier (or the same) layer of the pass first."""
 
     @property
-    def read_layers(self) -> tuple[int, ...]: ...
+    def read_layers(self) -> tuple[int, ...]:
+        """Layers whose outputs the provider reads before writing (L' for L2S)."""
+        ...
 
     @property
-    def write_layers(self) -> tuple[int, ...]: ...
+    def write_layers(self) -> tuple[int, ...]:
+        """Layers it adds vectors to (L*)."""
+        ...
 
-    def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None: ...
+    def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        """Called with a read layer's output in every forward call."""
+        ...
 
-    def vector(self, layer: int, step: Step) -> torch.Tensor | None: ...
+    def vector(self, layer: int, step: Step) -> torch.Tensor | None:
+        """The vector(s) to add at ``layer`` in this call ([D] or [rows, D]); None: not known yet."""
+        ...
 
 
 @dataclass
@@ -155,16 +175,20 @@ class FixedVectors:
 
     @property
     def read_layers(self) -> tuple[int, ...]:
+        """None: fixed vectors read nothing."""
         return ()
 
     @property
     def write_layers(self) -> tuple[int, ...]:
+        """The vector's layers."""
         return tuple(self.vectors)
 
     def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        """Nothing to read."""
         return None
 
     def vector(self, layer: int, step: Step) -> torch.Tensor | None:
+        """The stored vector of ``layer``."""
         return self.vectors.layers.get(layer)
 
 
@@ -193,10 +217,12 @@ class PredictedVectors:
 
     @property
     def read_layers(self) -> tuple[int, ...]:
+        """The context layer L'."""
         return (self.context_layer,)
 
     @property
     def write_layers(self) -> tuple[int, ...]:
+        """The steering layers L*."""
         return self.steer_layers
 
     def _device(self) -> torch.device | None:
@@ -206,6 +232,7 @@ class PredictedVectors:
         return None
 
     def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        """Predict each row's vector when this call holds the read column (else keep the last one)."""
         cols = step.layout.read_columns.get(self.read)
         if cols is None:
             raise InvalidInputError(f"this predictor reads position {self.read!r}, which the batch does not "
@@ -225,6 +252,7 @@ class PredictedVectors:
         self.current = v.to(hidden.device)
 
     def vector(self, layer: int, step: Step) -> torch.Tensor | None:
+        """The predicted vectors ([rows, D]), or None before the read column was seen."""
         return self.current
 
 
@@ -339,25 +367,33 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
                 provider.observe(layer, hidden, step)
             if not writes:
                 return None
-            key = str(hidden.device)
-            mask = step.masks.get(key)
-            if mask is None:
-                mask = step.masks[key] = step_mask(scope, step.layout.real.to(hidden.device), step.past_len,
-                                                   step.cur_len, step.rows)
+            decoding = step.past_len >= step.layout.prompt_len  # only generated (hence real) columns
+            if decoding and scope is Scope.PROMPT:
+                if trace is not None:
+                    trace.append(TraceRecord(layer, step.past_len, [[] for _ in range(hidden.shape[0])]))
+                return None
+            mask = None  # None: every column of this call (the decode fast path)
+            if not decoding:
+                key = str(hidden.device)
+                mask = step.masks.get(key)
+                if mask is None:
+                    mask = step.masks[key] = step_mask(scope, step.layout.real_on(hidden.device), step.past_len,
+                                                       step.cur_len, step.rows)
             v = provider.vector(layer, step)
             if v is None:
-                if bool(mask.any()):
+                if mask is None or bool(mask.any()):
                     raise InvalidInputError(
                         "the predicted steering vector is not known yet: this call steers prompt positions "
                         "before the last prompt token was read (chunked prefill or an existing cache with "
                         f"scope {scope.value!r}); use scope='generated' or let the engine read first")
                 return None
             if trace is not None:
+                cols = (torch.ones(hidden.shape[0], step.cur_len, dtype=torch.bool) if mask is None else mask.cpu())
                 trace.append(TraceRecord(layer, step.past_len,
-                                         [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in mask.cpu()]))
+                                         [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in cols]))
             delta = alpha * _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
             delta = delta.unsqueeze(-2) if delta.dim() == 2 else delta
-            steered = torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
+            steered = hidden + delta if mask is None else torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
             if isinstance(output, tuple):
                 return (steered, *output[1:])
             return steered

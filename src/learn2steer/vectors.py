@@ -77,6 +77,7 @@ class SteeringVector:
 
     @property
     def hidden_size(self) -> int:
+        """D, the width of every vector."""
         return int(next(iter(self.layers.values())).shape[-1])
 
     @property
@@ -86,6 +87,7 @@ class SteeringVector:
 
     @property
     def num_rows(self) -> int | None:
+        """N for per-row vectors, None for shared ones."""
         return int(next(iter(self.layers.values())).shape[0]) if self.per_row else None
 
     def __iter__(self) -> Iterator[int]:
@@ -95,6 +97,7 @@ class SteeringVector:
         return self.layers[layer]
 
     def items(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(layer, tensor) pairs in layer order."""
         return iter(self.layers.items())
 
     def rows(self, index: torch.Tensor | Sequence[int]) -> "SteeringVector":
@@ -205,11 +208,12 @@ def shard_status(path: Path, ids: Sequence[str]) -> str | None:
     return None if keys else "is empty"
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: Sequence[str]) -> None:
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: Sequence[str], rank: int = 0) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"ids": json.dumps(list(ids))})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"ids": json.dumps(list(ids)), "rank": str(rank)})
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -296,7 +300,7 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
                     tensors.setdefault(key, []).append(v)
                 bar.update(len(chunk) * job.world)
             _write_shard(out / "shards" / _shard_name(k), {key: torch.cat(v) for key, v in tensors.items()},
-                         [e.id for e in groups[k]])
+                         [e.id for e in groups[k]], job.rank)
             if on_shard is not None:
                 on_shard(k)
         bar.close()
@@ -307,7 +311,11 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
 def check_unique_ids(ids: Sequence[str], where: str) -> None:
     """Example ids key every saved result; a duplicate would silently swap one example's results for another's."""
     seen: set[str] = set()
-    dup = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    dup: list[str] = []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
     if dup:
         raise InvalidInputError(f"{where} has duplicate example ids (e.g. {sorted(set(dup))[:3]}); "
                                 "give every row a unique 'id'")

@@ -353,3 +353,25 @@ def test_serve_refuses_artifacts_it_cannot_apply(arts, capsys) -> None:
         "s": str(Path(arts["dirs"]["l2s"]).resolve())}
     assert torch.cuda.is_available() or "float32" in argv
     assert SteeringArtifact.load(arts["dirs"]["l2s"]).kind == "l2s"
+
+
+def test_eval_grid_on_vllm_equals_hf_and_resumes(smol, tmp_path, monkeypatch) -> None:
+    """`l2s eval --engine vllm`: the same cells and answers as `--engine hf`; a finished run resumes without vLLM."""
+    import shutil
+
+    from learn2steer.evaluation.pipeline import EvalConfig, run_eval
+
+    common = dict(dataset="demo", limit=30, behaviour="safety_refusal", layers=[12], context_layer=10, alphas=[1.0],
+                  methods=["no_steering", "prompt", "mean", "l2s", "p2s"], max_new_tokens=16, batch_size=8,
+                  train=TrainConfig(epochs=20, lr=3e-3, standardize=True, l1=0, cosine=0))
+    hf = run_eval(EvalConfig(out=tmp_path / "hf", **common), handle=smol, progress=False)
+    shutil.copytree(tmp_path / "hf" / "extraction", tmp_path / "vllm" / "extraction")  # same vectors, less time
+    vl = run_eval(EvalConfig(out=tmp_path / "vllm", engine="vllm", **common), handle=smol, progress=False)
+    assert [r.cell.name for r in vl.results] == [r.cell.name for r in hf.results]
+    for a, b in zip(hf.results, vl.results):
+        assert a.responses == b.responses, a.cell.name
+    from learn2steer.engines.vllm.offline import VLLMEngine
+
+    monkeypatch.setattr(VLLMEngine, "for_handle", classmethod(lambda *a, **k: pytest.fail("vLLM was started")))
+    again = run_eval(EvalConfig(out=tmp_path / "vllm", engine="vllm", **common), handle=smol, progress=False)
+    assert [r.metrics for r in again.results] == [r.metrics for r in vl.results]

@@ -24,10 +24,14 @@ class Engine(Protocol):
     name: str
 
     @property
-    def model_name(self) -> str: ...
+    def model_name(self) -> str:
+        """The model's name, stored with results so answers of different models never mix."""
+        ...
 
     def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
-               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]: ...
+               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
+        """Answers per example (a list of ``num_return_sequences`` strings each), in order."""
+        ...
 
 
 def as_engine(target: ModelHandle | Engine, **kwargs: Any) -> Engine:

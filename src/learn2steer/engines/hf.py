@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from learn2steer.activations import Site, read
+from learn2steer.activations import Position, Site, read
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, prompt_rows
@@ -76,7 +76,7 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
         writes = [handle.check_layer(x) for x in provider.steer_layers]
         if ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
             # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors
-            site = Site(ctx, provider.read)  # type: ignore[arg-type]
+            site = Site(ctx, cast(Position, provider.read))
             h = read(handle, batch, [site])[site]
             with torch.no_grad():
                 dev = provider._device()
@@ -97,10 +97,12 @@ class HFEngine:
 
     @property
     def model_name(self) -> str:
+        """The handle's model name."""
         return self.handle.name
 
     def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
                num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
+        """Answer ``examples`` under ``cfg`` in batches of ``batch_size`` (one list of n answers each)."""
         tok = self.handle.tokenizer
         ids = self.answer_tokens(cfg, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  num_return_sequences=num_return_sequences, progress=progress)

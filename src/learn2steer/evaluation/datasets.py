@@ -269,6 +269,22 @@ def _grouped_split(examples: Sequence[Example], *, test_fraction: float, seed: i
     return train, test
 
 
+def permutation_split(examples: Sequence[Example], *, test_fraction: float = 0.2, seed: int = 21
+                      ) -> tuple[list[str], list[str]]:
+    """The official code's split: ``numpy.random.seed(seed)``, shuffle the indices in dataset order, the first
+    ``int(n * (1 - test_fraction))`` train. With MM-SafetyBench in its file order, seed 21 and 0.2, this is
+    exactly the paper's 1344 / 336 split."""
+    import numpy as np
+
+    if not 0 < test_fraction < 1:
+        raise InvalidInputError(f"test_fraction must be between 0 and 1, got {test_fraction!r}")
+    idx = np.arange(len(examples))
+    np.random.RandomState(seed).shuffle(idx)  # the stream of np.random.seed + shuffle, without touching numpy's global
+    n_train = int(len(examples) * (1 - test_fraction))
+    tr, te = sorted(idx[:n_train].tolist()), sorted(idx[n_train:].tolist())
+    return [examples[i].id for i in tr], [examples[i].id for i in te]
+
+
 def by_ids(examples: Iterable[Example], ids: Sequence[str]) -> list[Example]:
     """The examples with ``ids``, in that order."""
     pos = {e.id: e for e in examples}

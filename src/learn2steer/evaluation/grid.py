@@ -43,6 +43,7 @@ class Cell:
 
     @property
     def name(self) -> str:
+        """The cell's folder name, e.g. ``l2s__L12__a1.5`` (unsteered methods: ``L-`` and ``a0``)."""
         return f"{self.method}__L{self.layer if self.layer is not None else '-'}__a{self.alpha:g}"
 
 
@@ -56,6 +57,7 @@ class CellResult:
 
     @property
     def metrics(self) -> dict[str, Any]:
+        """The cell's figures (the task's full metrics, headline and per-category)."""
         return self.scores.metrics
 
     def record(self) -> dict[str, Any]:

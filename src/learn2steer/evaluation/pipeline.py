@@ -28,6 +28,7 @@ from learn2steer.evaluation.datasets import (
     image_split,
     load_dataset,
     namespaced,
+    permutation_split,
     save_split,
     stratified_split,
 )
@@ -64,12 +65,16 @@ class EvalConfig(DataOptions):
     test_fraction: float = field(default=0.5, metadata={"help": "Share of examples held out for the test split."})
     split: str = field(default="auto", metadata={
         "help": "How to split one dataset: category (stratified), image (all questions of an image on one side), "
-                "or auto (the task's: image for POPE)."})
+                "permutation (the official code's numpy shuffle: exact paper splits with its seed), or auto (the "
+                "task's: image for POPE)."})
     train_limit: int | None = field(default=None, metadata={"help": "Stratified subsample of the training split."})
     test_limit: int | None = field(default=None, metadata={"help": "Stratified subsample of the test split."})
     seed: int = field(default=0, metadata={"help": "Seed of splits, training and Norm-Rnd."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "L2S training settings.",
                                                                       "prefix": "train"})
+    l2s_artifact: str | None = field(default=None, metadata={
+        "help": "Evaluate this L2S artifact instead of the one trained here (e.g. the paper's released predictor, "
+                "from `l2s import-official`); its L* must be among --layers."})
     rescale: bool = field(default=True, metadata={
         "help": "Rescale L2S targets per contrast group to the behaviour's rescale_group (official)."})
     gate: bool = field(default=False, metadata={
@@ -104,8 +109,8 @@ class EvalConfig(DataOptions):
             raise InvalidInputError("give at least one steering layer")
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
             raise InvalidInputError(f"alphas must be finite numbers, got {self.alphas}")
-        if self.split not in ("auto", "category", "image"):
-            raise InvalidInputError(f"split must be auto, category or image, got {self.split!r}")
+        if self.split not in ("auto", "category", "image", "permutation"):
+            raise InvalidInputError(f"split must be auto, category, image or permutation, got {self.split!r}")
         if not 0 < self.select_fraction < 1:
             raise InvalidInputError(f"select_fraction must be between 0 and 1, got {self.select_fraction}")
         if self.engine not in ENGINES:
@@ -133,9 +138,11 @@ class EvalResult:
 
     @property
     def records(self) -> list[dict[str, Any]]:
+        """Every cell as the JSON record kept in ``results.json``."""
         return [r.record() for r in self.results]
 
     def by_method(self) -> dict[str, CellResult]:
+        """The result of each method (one cell per method after selection; else the last one)."""
         return {r.cell.method: r for r in self.results}
 
 
@@ -161,7 +168,7 @@ def split_data(cfg: EvalConfig, task: Task, out: Path) -> tuple[list[Example], l
         how = f"separate training dataset {cfg.train_dataset}"
     else:
         how = task.default_split if cfg.split == "auto" else cfg.split
-        splitter = image_split if how == "image" else stratified_split
+        splitter = {"image": image_split, "permutation": permutation_split}.get(how, stratified_split)
         tr, te = splitter(examples, test_fraction=cfg.test_fraction, seed=cfg.seed)
         train, test = by_ids(examples, tr), by_ids(examples, te)
     train = subsample(train, cfg.train_limit, cfg.seed)
@@ -172,6 +179,19 @@ def split_data(cfg: EvalConfig, task: Task, out: Path) -> tuple[list[Example], l
     save_split(out / "split.json", {"how": how, "seed": cfg.seed, "test_fraction": cfg.test_fraction,
                                     "train": [e.id for e in train], "test": [e.id for e in test]})
     return train, test
+
+
+def _load_l2s_artifact(cfg: EvalConfig, handle: ModelHandle) -> SteeringArtifact | None:
+    """The L2S artifact to evaluate instead of training one (``--l2s-artifact``), checked against the model."""
+    if not cfg.l2s_artifact:
+        return None
+    art = SteeringArtifact.load(cfg.l2s_artifact, handle)
+    if art.kind != "l2s":
+        raise InvalidInputError(f"--l2s-artifact {cfg.l2s_artifact} is a {art.kind} artifact; give an L2S one")
+    if art.steer_layers[0] not in cfg.layers:
+        raise InvalidInputError(f"--l2s-artifact steers layer {art.steer_layers[0]}; add it to --layers "
+                                f"(now {cfg.layers})")
+    return art
 
 
 def _train_layers(ex: Extraction, ids: Sequence[str], cfg: EvalConfig, spec: BehaviourSpec, layers: Sequence[int],
@@ -202,12 +222,37 @@ def _configure(cfg: EvalConfig, spec: BehaviourSpec, arts: dict[int, dict[str, S
     return configure
 
 
-def make_engine(cfg: EvalConfig, handle: ModelHandle) -> Engine:
-    """The engine the grid generates with."""
-    if cfg.engine == "vllm":
-        from learn2steer.engines.vllm.offline import VLLMEngine
+class LazyEngine:
+    """Starts the real engine on the first request: a resumed run with nothing left to generate never pays for
+    starting a vLLM engine."""
 
-        return VLLMEngine.for_handle(handle, model=cfg.model, dtype=cfg.dtype)
+    def __init__(self, name: str, model_name: str, start: Callable[[], Engine]) -> None:
+        self.name, self._model_name, self._start = name, model_name, start
+        self._engine: Engine | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The model's name (known without starting the engine)."""
+        return self._model_name
+
+    def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
+               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
+        """The real engine's answers (started now if needed)."""
+        if self._engine is None:
+            self._engine = self._start()
+        return self._engine.answer(cfg, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   num_return_sequences=num_return_sequences, progress=progress)
+
+
+def make_engine(cfg: EvalConfig, handle: ModelHandle) -> Engine:
+    """The engine the grid generates with (vLLM: started on first use, on the same checkpoint)."""
+    if cfg.engine == "vllm":
+        def start() -> Engine:
+            from learn2steer.engines.vllm.offline import VLLMEngine
+
+            return VLLMEngine.for_handle(handle, model=cfg.model, dtype=cfg.dtype)
+
+        return LazyEngine("vllm", handle.name, start)
     from learn2steer.engines.hf import HFEngine
 
     return HFEngine(handle)
@@ -237,6 +282,11 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         if handle is None:
             handle = load_model(cfg.model, layers_path=cfg.layers_path, dtype=cfg.dtype, device_map=cfg.device_map)
         timings["load"] = time.perf_counter() - t0
+        # layer indices are normalised once, here (negative ones count from the end)
+        cfg.layers = sorted({handle.check_layer(x) for x in cfg.layers})
+        if cfg.context_layer is not None:
+            cfg.context_layer = handle.check_layer(cfg.context_layer)
+        official = _load_l2s_artifact(cfg, handle)
         steering = [m for m in methods if METHODS[m].steers]
         per_input = any(METHODS[m].per_input for m in methods)
         ctx_layers = [cfg.context_layer] if cfg.context_layer is not None else cfg.layers
@@ -259,6 +309,12 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         layers = sorted({c[0] for c in chosen.values()}) if chosen else list(cfg.layers)
         arts = (_train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
                 if steering and ex is not None else {})
+        if official is not None:
+            layer = official.steer_layers[0]
+            at_layer = arts.setdefault(layer, {})
+            if "l2s" in at_layer:
+                at_layer["l2s_trained"] = at_layer["l2s"]  # keeps the target scalars P2S uses
+            at_layer["l2s"] = official
         timings["train"] = time.perf_counter() - t
         if chosen:
             cells = [Cell(m, None, 0.0) for m in methods if not METHODS[m].steers]

@@ -60,6 +60,7 @@ class Task:
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
+        """Figures and per-example decisions for ``responses``; ``reference``: the no-steering answers."""
         raise NotImplementedError
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -95,6 +96,7 @@ class SafetyTask(Task):
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
+        """The paper's figures (with a probability judge), the text-rule rates and per-category rates."""
         verdicts = self.judge.judge([e.question for e in examples], list(responses))
         groups = [self.spec.group(e.category) for e in examples]
         degenerate = [is_degenerate(r) for r in responses]
@@ -133,6 +135,7 @@ class SafetyTask(Task):
         return Scores(out, per_example)
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Unsafe scores (when measured), rates, ED-score and quality (when judged)."""
         keys = [f"unsafe_score_{t}" for t in UNSAFE_THRESHOLDS] + [
             "unsafe_rate", "refusal_rate", "ed_score", "keyword_deferral_rate", "benign_answer_rate",
             "benign_unchanged_rate", "degenerate_rate", "quality"]
@@ -172,6 +175,7 @@ class PopeTask(Task):
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
+        """POPE's metrics and the paper's accuracy, overall and per split."""
         labels = [e.label or "" for e in examples]
         out: dict[str, Any] = {**pope_metrics(labels, responses), "paper_accuracy": paper_pope_accuracy(labels,
                                                                                                          responses)}
@@ -186,10 +190,12 @@ class PopeTask(Task):
         return Scores(out, per_example)
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Accuracy, precision, recall, F1, yes-ratio and the paper's accuracy."""
         return {k: float(metrics[k]) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio",
                                                "paper_accuracy")}
 
     def objective(self, metrics: Mapping[str, Any], base: Mapping[str, Any]) -> float:
+        """Accuracy."""
         return float(metrics["accuracy"])
 
 
@@ -203,19 +209,23 @@ class ChairTask(Task):
         self.evaluator = evaluator
 
     def admits(self, m: Method) -> bool:
+        """Every method but the per-input ones (P2S and Norm-Rnd need a per-image contrast)."""
         return not m.per_input
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
+        """CHAIR_s, CHAIR_i and recall, and the objects found in each caption."""
         metrics = dict(self.evaluator.evaluate({e.id: r for e, r in zip(examples, responses)}))
         per_example = [{"id": e.id, "objects": self.evaluator.caption_objects(r or "")}
                        for e, r in zip(examples, responses)]
         return Scores(metrics, per_example)
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """CHAIR_s, CHAIR_i and recall."""
         return {k: float(metrics[k]) for k in ("chair_s", "chair_i", "recall")}
 
     def objective(self, metrics: Mapping[str, Any], base: Mapping[str, Any]) -> float:
+        """Fewer captions with a hallucinated object."""
         return -float(metrics["chair_s"])
 
 

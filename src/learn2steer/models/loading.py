@@ -37,24 +37,29 @@ class ModelHandle:
 
     @property
     def hidden_size(self) -> int:
+        """Width of the language model's residual stream (the text config's for VLMs)."""
         cfg: Any = self.model.config  # a transformers PretrainedConfig
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         return int(text_cfg.hidden_size)
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder blocks of the language model."""
         return len(self.layers)
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go (the first parameter's device; with a device_map, the embeddings')."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's parameter dtype."""
         return next(self.model.parameters()).dtype
 
     @property
     def is_multimodal(self) -> bool:
+        """True for VLMs (a processor with an image processor renders their prompts)."""
         return self.processor is not None and hasattr(self.processor, "image_processor")
 
     def check_layer(self, layer: int) -> int:

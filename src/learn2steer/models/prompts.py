@@ -56,10 +56,12 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """Number of rows."""
         return int(self.inputs["input_ids"].shape[0])
 
     @property
     def seq_len(self) -> int:
+        """Padded length: where the prompt ends in a generation batch (the boundary column)."""
         return int(self.inputs["input_ids"].shape[1])
 
     @classmethod
@@ -70,6 +72,7 @@ class Batch:
         return cls(inputs=inputs, prompt_last=last, span_start=last + 1, span_end=last + 1)
 
     def to(self, device: torch.device | str) -> "Batch":
+        """Move the input tensors to ``device`` (in place; returns the batch)."""
         self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         return self
 

@@ -20,7 +20,7 @@ from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
 from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path, template_handle
 from learn2steer.models.prompts import encode_row
-from learn2steer.steering import Scope
+from learn2steer.steering import FixedVectors, Scope
 
 
 def engine_env(*, allow_paths: bool, artifacts: dict[str, str] | None = None, eager: bool = True) -> dict[str, str]:
@@ -52,6 +52,7 @@ class VLLMEngine:
 
     @property
     def model_name(self) -> str:
+        """The served model's name (artifacts made for another name of the same shape warn)."""
         return self._model_name
 
     def close(self) -> None:
@@ -107,6 +108,7 @@ class VLLMEngine:
     # -- requests ---------------------------------------------------------------------------------------------
 
     def token_ids(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[list[int]]:
+        """Prompt token ids rendered by learn2steer's chat templating: the ids the HF engine uses."""
         rows = prompt_rows(cfg, examples)
         if any(r.image is not None for r in rows):
             raise InvalidInputError("the vLLM engine takes text prompts only; use --engine hf for images")
@@ -132,8 +134,8 @@ class VLLMEngine:
                                    num_layers=self.num_layers, steer_layers=list(vec), vector=vec)
             return [{"steer_path": self._save(art, fingerprint(cfg)), **common} for _ in examples]
         provider = cfg.provider_for([e.id for e in examples])
-        assert provider is not None
-        rows = provider.vectors  # type: ignore[attr-defined]
+        assert isinstance(provider, FixedVectors)
+        rows = provider.vectors
         layers = list(rows)
         first = rows[layers[0]]
         if any(not bool((rows[x] == first).all()) for x in layers[1:]):
@@ -141,16 +143,16 @@ class VLLMEngine:
         return [{"steer_vector": first[i].tolist(), "steer_layers": layers, **common} for i in range(len(examples))]
 
     def requests(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int,
-                 num_return_sequences: int = 1) -> list[tuple[Any, Any]]:
+                 num_return_sequences: int = 1, **sampling: Any) -> list[tuple[Any, Any]]:
         """(prompt, sampling params) of each example under ``cfg``; requests of several methods can be mixed in
-        one :meth:`generate` call (vLLM batches them together)."""
+        one :meth:`generate` call (vLLM batches them together). ``sampling`` adds SamplingParams fields."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = self.token_ids(cfg, examples)
         extras = self.extra_args(cfg, examples)
         return [(TokensPrompt(prompt_token_ids=t), SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                                                  n=num_return_sequences, extra_args=x))
+                                                                  n=num_return_sequences, extra_args=x, **sampling))
                 for t, x in zip(ids, extras)]
 
     def generate(self, requests: Sequence[tuple[Any, Any]], *, progress: bool = False) -> list[Any]:

@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from learn2steer.engines.vllm.protocol import KEYS, EngineLimits, Registry, SteerRequest, check_request
@@ -44,6 +45,7 @@ from learn2steer.steering import scope_selects
 log = logging.getLogger("learn2steer.vllm")
 SUPPORTED_VLLM = ("0.32.",)
 ENV_TRACE = "L2S_VLLM_TRACE"  # a file: every write is logged as a JSON line (tests)
+_TRACING = bool(os.environ.get(ENV_TRACE))  # read when the process starts (workers inherit the environment)
 
 _STATE: dict[str, Any] = {"registered": False, "supported": False, "registry": None}
 
@@ -64,8 +66,8 @@ def _has_steering(extra: Any) -> bool:
 
 @dataclass
 class _Write:
-    rows: torch.Tensor          # flat token rows of this step
-    positions: torch.Tensor     # their absolute positions (for the trace)
+    rows: Any                   # flat token rows of this step (np.ndarray, or a tuple in decode steps)
+    positions: Any              # their absolute positions (for the trace)
     rid: str
     req: SteerRequest
 
@@ -121,7 +123,8 @@ def build_plan(runner: Any) -> _Plan | None:
     n = int(ib.num_reqs)
     if n == 0:
         return None
-    qsl = runner.query_start_loc.np[:n + 1]
+    qsl = runner.query_start_loc.np
+    computed_all, prompt_all = ib.num_computed_tokens_cpu, ib.num_prompt_tokens
     plan: _Plan | None = None
     for i, rid in enumerate(ib.req_ids[:n]):
         if rid not in _REQUESTS:
@@ -130,23 +133,31 @@ def build_plan(runner: Any) -> _Plan | None:
             extra = getattr(sp, "extra_args", None) if sp is not None else None
             _REQUESTS[rid] = registry().parse(extra) if _has_steering(extra) else None
         req = _REQUESTS[rid]
-        start, end = int(qsl[i]), int(qsl[i + 1])
-        if req is None or end <= start or req.alpha == 0.0:
+        if req is None or req.alpha == 0.0:
+            continue
+        start = int(qsl[i])
+        count = int(qsl[i + 1]) - start
+        if count <= 0:
             continue
         plan = plan or _Plan()
-        computed, prompt_len = int(ib.num_computed_tokens_cpu[i]), int(ib.num_prompt_tokens[i])
-        pos = torch.arange(computed, computed + end - start)
-        sel = scope_selects(req.scope, pos, prompt_len)
-        write = _Write(start + torch.nonzero(sel).flatten(), pos[sel], rid, req)
+        computed, prompt_len = int(computed_all[i]), int(prompt_all[i])
+        if count == 1:  # a decode step (the common case): plain integers, no arrays
+            any_sel = bool(scope_selects(req.scope, computed, prompt_len))
+            write = _Write((start,) if any_sel else (), (computed,) if any_sel else (), rid, req)
+        else:
+            pos = np.arange(computed, computed + count, dtype=np.int64)
+            sel = scope_selects(req.scope, pos, prompt_len)
+            any_sel = bool(sel.any())
+            write = _Write(start + np.flatnonzero(sel), pos[sel], rid, req)
         if req.meta.kind == "l2s":
             assert req.meta.context_layer is not None
-            if rid not in _VECTORS and computed <= prompt_len - 1 < computed + end - start:
+            if rid not in _VECTORS and computed <= prompt_len - 1 < computed + count:
                 plan.captures[req.meta.context_layer].append((start + prompt_len - 1 - computed, rid, req))
-            elif rid not in _VECTORS and bool(sel.any()):
+            elif rid not in _VECTORS and any_sel:
                 raise RuntimeError(f"request {rid}: steering positions before its last prompt token was read "
                                    "(a prompt split across steps with a prompt scope); the request checks should "
                                    "have refused this")
-        if len(write.rows):
+        if any_sel:
             for layer in req.meta.steer_layers:
                 plan.writes[layer].append(write)
     return plan
@@ -176,17 +187,22 @@ def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> Non
     writes = plan.writes.get(layer)
     if not writes:
         return
-    all_rows, deltas = [], []
+    vectors = []
     for w in writes:
         v: torch.Tensor | None = (_VECTORS.get(w.rid) if w.req.meta.kind == "l2s"
                                   else _fixed(w.req, layer, residual.device))
         if v is None:
             raise RuntimeError(f"request {w.rid}: its L2S vector is unknown at layer {layer}")
-        all_rows.append(w.rows)
-        deltas.append((w.req.alpha * v).expand(len(w.rows), -1))
-        _trace({"request": w.rid, "layer": layer, "positions": w.positions.tolist(), "alpha": w.req.alpha,
-                "source": w.req.key})
-    residual.index_add_(0, torch.cat(all_rows).to(residual.device), torch.cat(deltas).to(residual.dtype))
+        vectors.append(v)
+        if _TRACING:
+            _trace({"request": w.rid, "layer": layer, "positions": [int(x) for x in w.positions],
+                    "alpha": w.req.alpha, "source": w.req.key})
+    # one addition for the whole step: each write's alpha * v, repeated over its rows
+    alphas = torch.tensor([w.req.alpha for w in writes], device=residual.device)
+    counts = torch.tensor([len(w.rows) for w in writes], device=residual.device)
+    delta = (alphas[:, None] * torch.stack(vectors)).repeat_interleave(counts, dim=0)
+    rows = torch.from_numpy(np.concatenate([np.asarray(w.rows, dtype=np.int64) for w in writes])).to(residual.device)
+    residual.index_add_(0, rows, delta.to(residual.dtype))
     plan.ran += 1
 
 

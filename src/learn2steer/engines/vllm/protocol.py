@@ -105,6 +105,7 @@ class Registry:
         self._meta: dict[str, SteerMeta] = {}
 
     def meta(self, source: str) -> SteerMeta:
+        """The artifact behind a source (``name:``/``path:``), read from its config only."""
         if source not in self._meta:
             kind, _, ref = source.partition(":")
             folder = self.names[ref] if kind == "name" else ref

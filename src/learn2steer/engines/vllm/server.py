@@ -43,6 +43,7 @@ class ServeJob:
         "repeat": True})
 
     def artifacts(self) -> dict[str, str]:
+        """``--artifact NAME=DIR`` as {name: absolute folder}; malformed or repeated names are errors."""
         out: dict[str, str] = {}
         for spec in self.artifact:
             name, sep, folder = spec.partition("=")

@@ -1,0 +1,114 @@
+"""vLLM figures (run in the serving environment): ``python -m benchmarks --engine vllm --quick --json OUT``.
+
+All measured in one run on the embedded SmolLM2-135M-Instruct, 128 new tokens per request (``ignore_eos``,
+so every variant does the same work), greedy, variants interleaved, median of repetitions:
+
+* ``vllm_l2s_vs_plain_b16`` / ``_b64``: throughput of vLLM with L2S on every request over vLLM with
+  the same requests unsteered (same engine, plugin loaded): target >= 0.95;
+* ``vllm_vs_hf_l2s_b16``: vLLM's L2S throughput over the HF engine's L2S throughput on the same 16
+  prompts: target >= 3;
+* ``l2s_extra_ttft_ms``: the extra time to first token of the L2S read (one-token requests, batch 16).
+
+The L2S predictor has random weights: the cost of reading h, running g and adding v does not depend on
+what g learnt, and ``ignore_eos`` keeps the token count fixed. On a CPU, vLLM's worker is bound to every
+core (``VLLM_CPU_OMP_THREADS_BIND=0-(n-1)``, no reserved core; by default vLLM keeps one core for its
+engine-core process), so that vLLM and the HF engine compute on the same cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import print_table, ratio, timings
+
+
+def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = None) -> dict[str, Any]:
+    from learn2steer.artifacts import SteeringArtifact
+    from learn2steer.engines.hf import HFEngine
+    from learn2steer.engines.vllm.offline import VLLMEngine
+    from learn2steer.evaluation.datasets import demo_requests
+    from learn2steer.methods import MethodConfig
+    from learn2steer.models.loading import DEFAULT_MODEL_NAME, load_default_model
+    from learn2steer.predictor import L2SNet
+
+    if not torch.cuda.is_available():
+        n = os.cpu_count() or 1
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    reps = 1 if smoke else (3 if quick else 5)
+    new_tokens = 16 if smoke else 128
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    hf = load_default_model()
+    art = SteeringArtifact(kind="l2s", method="l2s", model=DEFAULT_MODEL_NAME, hidden_size=576, num_layers=30,
+                           steer_layers=[12], predictor=L2SNet(576, 576), context_layer=10, alpha=1.0)
+    l2s = MethodConfig.from_artifact(art)
+    plain = MethodConfig()
+    questions = demo_requests()
+    engine = VLLMEngine.create("default", enforce_eager=False, max_num_seqs=64)
+
+    def requests(cfg: MethodConfig, n: int, tokens: int) -> list[tuple[Any, Any]]:
+        return engine.requests(cfg, questions[:n], max_new_tokens=tokens, ignore_eos=True, min_tokens=tokens)
+
+    out: dict[str, Any] = {}
+    def run(cfg: MethodConfig, n: int, tokens: int) -> Callable[[], object]:
+        return lambda: engine.generate(requests(cfg, n, tokens))
+
+    for b in (16, 64):
+        fns = {"plain": run(plain, b, new_tokens), "l2s": run(l2s, b, new_tokens)}
+        fns["plain"]()  # warm-up (and the compiled graph for this batch shape)
+        fns["l2s"]()
+        t = timings(fns, reps)
+        out[f"vllm_b{b}"] = {"seconds": t, "tokens_per_s": {k: b * new_tokens / statistics.median(v)
+                                                           for k, v in t.items()}}
+        out[f"vllm_l2s_vs_plain_b{b}"] = ratio(t, "plain", "l2s")
+    hf_engine = HFEngine(hf, gen_kwargs={"min_new_tokens": new_tokens})
+    q16 = questions[:16]
+
+    def hf_l2s() -> object:
+        return hf_engine.answer(l2s, q16, max_new_tokens=new_tokens, batch_size=16, progress=False)
+
+    def vllm_l2s() -> object:
+        return engine.generate(requests(l2s, 16, new_tokens))
+
+    hf_l2s()
+    t = timings({"hf": hf_l2s, "vllm": vllm_l2s}, reps)
+    out["hf_vs_vllm_b16"] = {"seconds": t, "tokens_per_s": {k: 16 * new_tokens / statistics.median(v)
+                                                           for k, v in t.items()}}
+    out["vllm_vs_hf_l2s_b16"] = ratio(t, "hf", "vllm")
+    ttft = timings({"plain": run(plain, 16, 1), "l2s": run(l2s, 16, 1)}, reps * 3)
+    diffs = sorted(1000 * (a - b) for a, b in zip(ttft["l2s"], ttft["plain"]))
+    out["ttft_b16"] = {"seconds": ttft, "paired_l2s_minus_plain_ms": diffs}
+    out["l2s_extra_ttft_ms"] = statistics.median(diffs)
+    engine.close()
+    result = {**{k: out[k] for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
+                                      "l2s_extra_ttft_ms")},
+              "details": out, "new_tokens": new_tokens, "reps": reps, "quick": quick, "smoke": smoke,
+              "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                          "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")},
+              "seconds": time.perf_counter() - started}
+    try:
+        import vllm
+
+        result["machine"]["vllm"] = vllm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    rows = [("vLLM L2S / plain throughput, batch 16", result["vllm_l2s_vs_plain_b16"], ">= 0.95"),
+            ("vLLM L2S / plain throughput, batch 64", result["vllm_l2s_vs_plain_b64"], ">= 0.95"),
+            ("vLLM / HF throughput with L2S, batch 16", result["vllm_vs_hf_l2s_b16"], ">= 3"),
+            ("extra time to first token of the L2S read, batch 16 (ms, median of paired differences)",
+             result["l2s_extra_ttft_ms"], "")]
+    print_table(rows)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+    return result

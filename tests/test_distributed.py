@@ -1,0 +1,57 @@
+"""More than one process: torchrun ranks split the shards and the grid; the outcome equals one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from helpers import l2s, run
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from learn2steer.distributed import Ranks
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "learn2steer", *args]
+
+
+def test_ranks_deal_work_out_round_robin() -> None:
+    assert Ranks(0, 2).mine(list(range(5))) == [0, 2, 4] and Ranks(1, 2).mine(list(range(5))) == [1, 3]
+    assert Ranks().mine([1, 2]) == [1, 2] and Ranks().is_main
+
+
+def test_torchrun_extraction_equals_one_process(model_dir, dataset, tmp_path) -> None:
+    args = ["extract", "--model", str(model_dir), "--dataset", f"jsonl:{dataset}", "--layers", "1,2",
+            "--context-layers", "3", "--shard-size", "10", "--batch-size", "5"]
+    one = run(l2s(*args, "--out", str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(torchrun(*args, "--out", str(tmp_path / "two")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    shards = sorted((tmp_path / "one" / "shards").glob("shard-*.safetensors"))
+    assert len(shards) == 12
+    for k, p in enumerate(shards):
+        q = tmp_path / "two" / "shards" / p.name
+        a, b = load_file(str(p)), load_file(str(q))
+        assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a), p.name
+        with safe_open(str(q), framework="pt") as f:
+            assert f.metadata()["rank"] == str(k % 2), "each shard computed once, by its rank"
+    assert json.loads((tmp_path / "one" / "index.json").read_text()) == json.loads(
+        (tmp_path / "two" / "index.json").read_text())
+
+
+def test_torchrun_eval_grid_equals_one_process(model_dir, dataset, tmp_path) -> None:
+    args = ["eval", "--model", str(model_dir), "--dataset", f"jsonl:{dataset}", "--limit", "40", "--behaviour",
+            "safety_refusal", "--layers", "1", "--alphas", "2", "--methods", "no_steering,mean,l2s,p2s",
+            "--train-epochs", "3", "--max-new-tokens", "5", "--batch-size", "4"]
+    one = run(l2s(*args, "--out", str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(torchrun(*args, "--out", str(tmp_path / "two")))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["cells"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["cells"]
+    assert a == b
+    rank1 = list((tmp_path / "two" / "test" / "cells").glob("*/generations.rank1.jsonl"))
+    assert rank1, "the second rank generated part of the grid"
