@@ -63,13 +63,32 @@ def _strip_eos(ids, eos):
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
+_HF: dict = {}  # HF reference outputs, computed once per (method config, examples)
+
+
+def _key(cfg, examples) -> tuple:
+    from learn2steer.methods import fingerprint
+
+    return fingerprint(cfg), tuple(e.id for e in examples)
+
+
 def hf_tokens(smol, cfg, examples):
-    out = HFEngine(smol).answer_tokens(cfg, examples, max_new_tokens=N_NEW, batch_size=8, progress=False)
-    return [_strip_eos(x[0], smol.tokenizer.eos_token_id) for x in out]
+    key = ("tokens", *_key(cfg, examples))
+    if key not in _HF:
+        out = HFEngine(smol).answer_tokens(cfg, examples, max_new_tokens=N_NEW, batch_size=8, progress=False)
+        _HF[key] = [_strip_eos(x[0], smol.tokenizer.eos_token_id) for x in out]
+    return _HF[key]
 
 
 def hf_positions(smol, cfg, example) -> set[int]:
     """Absolute positions the HF engine writes for one example (alone: no padding, stops at its own EOS)."""
+    key = ("positions", *_key(cfg, [example]))
+    if key not in _HF:
+        _HF[key] = _hf_positions(smol, cfg, example)
+    return _HF[key]
+
+
+def _hf_positions(smol, cfg, example) -> set[int]:
     batch = build_inputs(smol, prompt_rows(cfg, [example]))
     trace: list[TraceRecord] = []
     with steer(smol, cfg.provider_for([example.id]), alpha=cfg.alpha, scope=cfg.scope, batch=batch, trace=trace):
@@ -361,7 +380,10 @@ def test_eval_grid_on_vllm_equals_hf_and_resumes(smol, tmp_path, monkeypatch) ->
 
     from learn2steer.evaluation.pipeline import EvalConfig, run_eval
 
-    common = dict(dataset="demo", limit=30, behaviour="safety_refusal", layers=[12], context_layer=10, alphas=[1.0],
+    data = tmp_path / "mixed.jsonl"  # every 13th demo request: decline, defer and benign categories
+    data.write_text("".join(json.dumps({"id": e.id, "question": e.question, "category": e.category}) + "\n"
+                            for e in demo_requests()[::13]))
+    common = dict(dataset=f"jsonl:{data}", behaviour="safety_refusal", layers=[12], context_layer=10, alphas=[1.0],
                   methods=["no_steering", "prompt", "mean", "l2s", "p2s"], max_new_tokens=16, batch_size=8,
                   train=TrainConfig(epochs=20, lr=3e-3, standardize=True, l1=0, cosine=0))
     hf = run_eval(EvalConfig(out=tmp_path / "hf", **common), handle=smol, progress=False)
@@ -374,4 +396,6 @@ def test_eval_grid_on_vllm_equals_hf_and_resumes(smol, tmp_path, monkeypatch) ->
 
     monkeypatch.setattr(VLLMEngine, "for_handle", classmethod(lambda *a, **k: pytest.fail("vLLM was started")))
     again = run_eval(EvalConfig(out=tmp_path / "vllm", engine="vllm", **common), handle=smol, progress=False)
-    assert [r.metrics for r in again.results] == [r.metrics for r in vl.results]
+    from learn2steer._io import dumps
+
+    assert dumps([r.metrics for r in again.results]) == dumps([r.metrics for r in vl.results])

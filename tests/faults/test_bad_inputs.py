@@ -97,13 +97,23 @@ def cases(tmp, trained, model_dir, dataset):
 
 
 def test_every_bad_input_is_one_sentence_and_exit_2(trained, model_dir, dataset, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from learn2steer.cli import app
+
+    runner = CliRunner()
     for args, match in cases(tmp_path, trained, model_dir, dataset):
-        r = run(l2s(*args))
-        assert r.returncode == 2, (args, r.stderr[-1500:])
-        assert match in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
-        errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-        assert len(errors) == 1, (args, r.stderr[-800:])
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output[-1500:])
+        assert match in r.output and "Traceback" not in r.output, (args, r.output[-800:])
+        errors = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1, (args, r.output[-800:])
     assert not (tmp_path / "o11" / "test").exists(), "a malformed judge fails before anything is generated"
+
+
+def test_the_process_exits_2_without_a_traceback(trained, tmp_path) -> None:
+    r = run(l2s("train", "--extraction", str(trained / "ext"), "--out", str(tmp_path / "o"), "--epochs", "0"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in r.stderr
 
 
 def test_truncated_images_name_the_file(tiny_llava, tmp_path) -> None:

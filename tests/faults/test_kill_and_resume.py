@@ -28,7 +28,7 @@ def full_extraction(extract_args, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("after_shards", [0, 3, 11])
+@pytest.mark.parametrize("after_shards", [0, 9])
 def test_killed_extraction_resumes_to_the_same_shards(extract_args, full_extraction, tmp_path, after_shards) -> None:
     out = tmp_path / "ext"
     code = kill_when(l2s(*extract_args, "--out", str(out)),
@@ -41,7 +41,6 @@ def test_killed_extraction_resumes_to_the_same_shards(extract_args, full_extract
     assert a.keys() == b.keys() and len(a) == 20
     for name in a:
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
-    assert not list((out / "shards").glob(".*.tmp")) or True  # a killed writer's temporary is never read
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +62,17 @@ def _lines(out, cell):
     return sum(len(p.read_text().splitlines()) for p in (out / "test" / "cells" / cell).glob("generations*.jsonl"))
 
 
-@pytest.mark.parametrize("point", ["extraction", "first_cell", "later_cell"])
+@pytest.mark.parametrize("point", ["extraction", "later_cell"])
 def test_killed_eval_resumes_to_the_same_results(eval_args, full_eval, tmp_path, point) -> None:
     out = tmp_path / "run"
     ready = {"extraction": lambda: (out / "extraction" / "index.json").exists(),
-             "first_cell": lambda: (out / "test" / "cells").exists() and _lines(out, "no_steering__L-__a0") >= 8,
              "later_cell": lambda: (out / "test" / "cells").exists() and _lines(out, "l2s__L1__a2") >= 4}[point]
     assert kill_when(l2s(*eval_args, "--out", str(out)), ready) == -9
     r = run(l2s(*eval_args, "--out", str(out)))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads((out / "results.json").read_text())
     assert got["cells"] == full_eval["cells"], "same figures as the uninterrupted run"
+    n_test = len(json.loads((out / "split.json").read_text())["test"])
     for cell in (out / "test" / "cells").iterdir():
         ids = [json.loads(x)["id"] for p in cell.glob("generations*.jsonl") for x in p.read_text().splitlines()]
-        assert len(ids) == len(set(ids)) == 30, "every answer once: nothing lost, nothing counted twice"
+        assert len(ids) == len(set(ids)) == n_test, "every answer once: nothing lost, nothing counted twice"

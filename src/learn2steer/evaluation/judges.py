@@ -287,6 +287,8 @@ def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], deadli
 
     def work() -> None:
         try:
+            conn.connect()
+            result["sock"] = conn.sock  # ours to shut down: http.client drops it while reading the body
             conn.request("POST", path, body=json.dumps(payload).encode(),
                          headers={"Content-Type": "application/json", **headers})
             resp = conn.getresponse()
@@ -298,13 +300,14 @@ def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], deadli
     t.start()
     t.join(deadline)
     if t.is_alive():
-        if conn.sock is not None:
+        sock = result.get("sock")
+        if sock is not None:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         conn.close()
-        t.join(1.0)
+        t.join(0.5)
         raise TimeoutError(f"no complete reply within {deadline:g} s")
     conn.close()
     if "error" in result:

@@ -124,8 +124,8 @@ def plot_categories(records: Sequence[dict[str, Any]], task: Task, path: str | P
     else:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.6 * len(xs) * max(1, len(rows)) / 3), 3.2 * len(panels)),
-                             squeeze=False)
+    width_in = min(16.0, max(7.0, 0.13 * len(xs) * max(1, len(rows)) + 2))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.6 * len(panels) + 1.2), squeeze=False)
     width = 0.8 / max(1, len(rows))
     for ax, (title, fn) in zip(axes[:, 0], panels):
         for k, r in enumerate(rows):
@@ -135,8 +135,9 @@ def plot_categories(records: Sequence[dict[str, Any]], task: Task, path: str | P
         ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=9)
-    axes[0, 0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(4, len(labels)), loc="lower center")
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=110)

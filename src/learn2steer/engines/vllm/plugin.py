@@ -179,11 +179,15 @@ def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> Non
     if caps:
         rows = torch.tensor([c[0] for c in caps], device=residual.device)
         h = (hidden.index_select(0, rows) + residual.index_select(0, rows)).float()
-        for j, (_, rid, req) in enumerate(caps):
-            pred = _predictor(req, residual.device)(h[j:j + 1])[0].detach()
+        groups: dict[tuple[str, bool], list[int]] = defaultdict(list)  # one predictor call per artifact
+        for j, (_, _, req) in enumerate(caps):
+            groups[(req.key, req.gated)].append(j)
+        for idx in groups.values():
+            pred = _predictor(caps[idx[0]][2], residual.device)(h[idx]).detach()
             if not bool(torch.isfinite(pred).all()):
-                raise InvalidInputError(f"request {rid}: the predictor produced NaN or inf values")
-            _VECTORS[rid] = pred
+                raise InvalidInputError(f"requests {[caps[j][1] for j in idx]}: the predictor produced NaN or inf")
+            for k, j in enumerate(idx):
+                _VECTORS[caps[j][1]] = pred[k]
     writes = plan.writes.get(layer)
     if not writes:
         return
