@@ -124,7 +124,7 @@ def test_damaged_or_swapped_shards_are_found_and_recomputed(tiny_llama, tmp_path
     kw = dict(steer_layers=[2], context_layers=[2], shard_size=3, progress=False)
     ex = extract(h, spec, exs, tmp_path, **kw)
     shards = tmp_path / "shards"
-    good = {p.name: p.read_bytes() for p in shards.glob("*.safetensors")}
+    good = _shard_bytes(shards)
     # truncate one, swap two others
     (shards / "shard-00000.safetensors").write_bytes(good["shard-00000.safetensors"][:100])
     (shards / "shard-00001.safetensors").write_bytes(good["shard-00002.safetensors"])
@@ -138,7 +138,9 @@ def test_damaged_or_swapped_shards_are_found_and_recomputed(tiny_llama, tmp_path
     computed: list[int] = []
     again = extract(h, spec, exs, tmp_path, on_shard=computed.append, **kw)
     assert computed == [0, 1, 2]
-    assert {p.name: p.read_bytes() for p in shards.glob("*.safetensors")} == good
+    # same tensors and metadata as the first run (bytes may differ: safetensors orders metadata keys freely)
+    assert {name: _shard_content(blob) for name, blob in _shard_bytes(shards).items()} == {
+        name: _shard_content(blob) for name, blob in good.items()}
     assert torch.equal(again.z[2], ex.z[2])
 
 
@@ -160,3 +162,17 @@ def test_duplicate_ids_and_empty_datasets_are_refused(tiny_llama, tmp_path) -> N
                 context_layers=[1], progress=False)
     with pytest.raises(InvalidInputError, match="empty"):
         extract(tiny_llama, spec, [], tmp_path, steer_layers=[1], context_layers=[1], progress=False)
+
+
+def _shard_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
+
+
+def _shard_content(blob: bytes) -> tuple[dict[str, list], dict[str, str]]:
+    """A shard's tensors (as lists) and metadata, independent of how the file orders its header."""
+    from safetensors import deserialize
+
+    tensors = {name: torch.frombuffer(bytearray(t["data"]), dtype=torch.float32).tolist()
+               for name, t in deserialize(blob)}
+    n = int.from_bytes(blob[:8], "little")
+    return tensors, json.loads(blob[8:8 + n])["__metadata__"]
