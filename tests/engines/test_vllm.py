@@ -374,6 +374,19 @@ def test_serve_refuses_artifacts_it_cannot_apply(arts, capsys) -> None:
     assert SteeringArtifact.load(arts["dirs"]["l2s"]).kind == "l2s"
 
 
+def test_plugin_pins_the_v1_model_runner_unless_told_otherwise() -> None:
+    """The plugin patches the V1 model runner; on GPU vLLM would pick V2 (a V2 engine refuses steering)."""
+    code = ("import os; from learn2steer.engines.vllm.plugin import register; register(); "
+            "print(os.environ['VLLM_USE_V2_MODEL_RUNNER'])")
+    for given, expected in ((None, "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_V2_MODEL_RUNNER"}
+        if given is not None:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected
+
+
 def test_eval_grid_on_vllm_equals_hf_and_resumes(smol, tmp_path, monkeypatch) -> None:
     """`l2s eval --engine vllm`: the same cells and answers as `--engine hf`; a finished run resumes without vLLM."""
     import shutil

@@ -249,7 +249,8 @@ def _limits(vllm_config: Any) -> EngineLimits:
     text = getattr(mc, "hf_text_config", None) or mc.hf_config
     return EngineLimits(hidden_size=int(text.hidden_size), num_layers=int(text.num_hidden_layers),
                         chunked_prefill=bool(vllm_config.scheduler_config.enable_chunked_prefill),
-                        pipeline_parallel=int(vllm_config.parallel_config.pipeline_parallel_size))
+                        pipeline_parallel=int(vllm_config.parallel_config.pipeline_parallel_size),
+                        model_runner_v2=bool(getattr(vllm_config, "use_v2_model_runner", False)))
 
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -352,6 +353,10 @@ def register() -> None:
     if _STATE["registered"]:
         return
     _STATE["registered"] = True
+    # The plugin patches the V1 model runner (the only one on CPU; on GPU vLLM 0.32 picks V2 when Triton is
+    # there). Pin V1 unless the user chose otherwise; a V2 engine refuses steering requests (check_request).
+    # Plugins load before the engine config is made and before worker processes start, so this is in time.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     import vllm
 
     version = str(getattr(vllm, "__version__", "unknown"))

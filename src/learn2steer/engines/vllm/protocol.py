@@ -185,11 +185,16 @@ class EngineLimits:
     num_layers: int
     chunked_prefill: bool
     pipeline_parallel: int = 1
+    #: vLLM's V2 model runner (GPU, opt-in or forced by some features): the plugin patches the V1 runner
+    model_runner_v2: bool = False
 
 
 def check_request(req: SteerRequest, limits: EngineLimits) -> None:
     """Refuse, with a sentence naming the fix, what this engine cannot apply exactly."""
     m = req.meta
+    if limits.model_runner_v2:
+        raise InvalidInputError("this engine runs vLLM's V2 model runner, which the learn2steer plugin does not "
+                                "patch (steering would be silently skipped); start it with VLLM_USE_V2_MODEL_RUNNER=0")
     if m.hidden_size != limits.hidden_size or (m.num_layers and m.num_layers != limits.num_layers):
         raise InvalidInputError(f"artifact {m.source} was made for a model of hidden size {m.hidden_size} and "
                                 f"{m.num_layers} layers; this model has {limits.hidden_size} and {limits.num_layers}")

@@ -1,0 +1,111 @@
+"""The vLLM request protocol without vLLM: parsing ``vllm_xargs``, refusals, prefix-cache salts.
+
+These run in the core environment; the engine itself is tested in ``test_vllm.py`` (serving environment).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learn2steer.artifacts import SteeringArtifact
+from learn2steer.engines.vllm.protocol import EngineLimits, Registry, check_request
+from learn2steer.errors import InvalidInputError
+from learn2steer.predictor import L2SNet
+from learn2steer.vectors import SteeringVector
+
+D, N = 16, 6
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    root = tmp_path_factory.mktemp("arts")
+    mean = SteeringArtifact(kind="fixed", method="mean", model="tiny", hidden_size=D, num_layers=N, steer_layers=[3],
+                            vector=SteeringVector({3: torch.ones(D)}), alpha=2.0, scope="all")
+    l2s = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=D, num_layers=N, steer_layers=[3],
+                           context_layer=2, predictor=L2SNet(D, D), alpha=1.0, scope="all")
+    late = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=D, num_layers=N, steer_layers=[2],
+                            context_layer=4, predictor=L2SNet(D, D))
+    return Registry({n: str(a.save(root / n)) for n, a in {"mean": mean, "l2s": l2s, "late": late}.items()},
+                    allow_paths=False)
+
+
+LIMITS = EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=False)
+
+
+def test_no_steering_keys_is_no_steering(registry) -> None:
+    assert registry.parse(None) is None
+    assert registry.parse({"other_plugin": 1}) is None
+
+
+def test_named_artifact_takes_its_defaults_and_overrides(registry) -> None:
+    req = registry.parse({"steer": "mean"})
+    assert req is not None and (req.alpha, req.scope, req.meta.kind, req.meta.steer_layers) == (2.0, "all", "fixed",
+                                                                                                  (3,))
+    req = registry.parse({"steer": "mean", "alpha": 0, "scope": "generated"})
+    assert req is not None and (req.alpha, req.scope) == (0.0, "generated")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"steer": "nope"}, "unknown steering artifact 'nope'; this server has: l2s, late, mean"),
+    ({"steer": "mean", "alpha": math.inf}, "alpha must be a finite number"),
+    ({"steer": "mean", "alpha": "1"}, "alpha must be a finite number"),
+    ({"steer": "mean", "alpha": True}, "alpha must be a finite number"),
+    ({"steer": "mean", "scope": "everywhere"}, "scope must be one of all, prompt, generated"),
+    ({"steer": "mean", "steer_path": "/x"}, "exactly one of"),
+    ({"alpha": 1.0}, "exactly one of"),
+    ({"steer_path": "/x"}, "only steers with its named artifacts"),
+    ({"steer": "mean", "gated": 0.5}, "gated must be true or false"),
+])
+def test_bad_requests_are_one_clear_sentence(registry, args, message) -> None:
+    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(")):
+        registry.parse(args)
+
+
+def test_what_one_pass_cannot_apply_is_refused(registry) -> None:
+    ok = registry.parse({"steer": "l2s"})
+    assert ok is not None
+    check_request(ok, LIMITS)
+    late = registry.parse({"steer": "late"})
+    assert late is not None
+    with pytest.raises(InvalidInputError, match=r"L' > L\*"):
+        check_request(late, LIMITS)
+    with pytest.raises(InvalidInputError, match="chunked prefill on"):
+        check_request(ok, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True))
+    gen = registry.parse({"steer": "l2s", "scope": "generated"})
+    assert gen is not None
+    check_request(gen, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True))
+    with pytest.raises(InvalidInputError, match="hidden size 16 and 6 layers; this model has 32 and 6"):
+        check_request(ok, EngineLimits(hidden_size=32, num_layers=N, chunked_prefill=False))
+    with pytest.raises(InvalidInputError, match="pipeline parallelism"):
+        check_request(ok, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=False, pipeline_parallel=2))
+
+
+def test_v2_model_runner_refuses_every_steering_request(registry) -> None:
+    v2 = EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=False, model_runner_v2=True)
+    for name in ("mean", "l2s"):
+        req = registry.parse({"steer": name})
+        assert req is not None
+        with pytest.raises(InvalidInputError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+            check_request(req, v2)
+
+
+def test_prefix_cache_salts(registry) -> None:
+    def salt(args, prompt):
+        req = registry.parse(args)
+        assert req is not None
+        return req.salt(prompt)
+
+    a, b = [1, 2, 3, 4], [1, 2, 3, 5]
+    # a fixed vector on every position: same settings share whatever the prompt; other settings never do
+    assert salt({"steer": "mean"}, a) == salt({"steer": "mean"}, b)
+    assert salt({"steer": "mean"}, a) != salt({"steer": "mean", "alpha": 1.5}, a)
+    assert salt({"steer": "mean"}, a) != salt({"steer": "mean", "scope": "generated"}, a)
+    # a scope that depends on where the prompt ends salts its length in
+    assert salt({"steer": "mean", "scope": "prompt"}, a) != salt({"steer": "mean", "scope": "prompt"}, a + [6])
+    # L2S: the vector is predicted from the whole prompt, so only identical prompts share
+    assert salt({"steer": "l2s"}, a) == salt({"steer": "l2s"}, list(a))
+    assert salt({"steer": "l2s"}, a) != salt({"steer": "l2s"}, b)
+    assert salt({"steer": "l2s"}, a) != salt({"steer": "l2s", "gated": False}, a)
