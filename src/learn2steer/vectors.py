@@ -196,7 +196,7 @@ def shard_status(path: Path, ids: Sequence[str]) -> str | None:
         return "is missing"
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = json.loads((f.metadata() or {}).get("ids", "null"))
+            stored = shard_metadata(f.metadata()).get("ids")
             if stored != list(ids):
                 return "holds other examples than the index says (swapped, or copied from another run)"
             keys = list(f.keys())
@@ -208,12 +208,28 @@ def shard_status(path: Path, ids: Sequence[str]) -> str | None:
     return None if keys else "is empty"
 
 
+SHARD_KEY = "learn2steer.shard"
+
+
+def shard_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
+    """What a shard's safetensors header records: ``ids`` (in row order) and the ``rank`` that computed it.
+
+    Stored as one JSON string under one key: safetensors writes its metadata map in no fixed order, and a
+    single key keeps a recomputed shard byte-identical to the first. Shards of v0.1 (a bare ``ids`` key)
+    still read.
+    """
+    raw = raw or {}
+    if SHARD_KEY in raw:
+        return dict(json.loads(raw[SHARD_KEY]))
+    return {"ids": json.loads(raw["ids"])} if "ids" in raw else {}
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], ids: Sequence[str], rank: int = 0) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"ids": json.dumps(list(ids)), "rank": str(rank)})
+                  metadata={SHARD_KEY: json.dumps({"ids": list(ids), "rank": rank})})
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
