@@ -9,7 +9,7 @@ from helpers import examples
 from learn2steer.behaviours import load_behaviour
 from learn2steer.errors import InvalidInputError
 from learn2steer.predictor import TrainConfig, choose_gate
-from learn2steer.training import l2s_targets, p2s_vectors, train_artifacts
+from learn2steer.training import l2s_targets, p2s_vectors, target_scales, train_artifacts
 from learn2steer.vectors import extract
 
 
@@ -39,12 +39,12 @@ def test_p2s_uses_the_targets_l2s_was_trained_on(ex) -> None:
                               progress=False)
     targets, scales = l2s_targets(ex, 2, "decline")
     assert scales and scales["decline"] == pytest.approx(1.0) and scales["legal"] != pytest.approx(1.0)
-    assert torch.allclose(p2s_vectors(ex, 2, arts["l2s"])[2], targets)
+    assert torch.allclose(p2s_vectors(ex, 2, target_scales(arts["l2s"], 2))[2], targets)
     # on other inputs (the test split), the scalars from training are applied, not recomputed
     sub = ex.select(ex.ids[:5])
     factor = torch.tensor([scales[c] for c in sub.contrasts])
-    assert torch.allclose(p2s_vectors(sub, 2, arts["l2s"])[2], sub.z[2] * factor[:, None])
-    assert torch.equal(p2s_vectors(sub, 2, None)[2], sub.z[2])
+    assert torch.allclose(p2s_vectors(sub, 2, target_scales(arts["l2s"], 2))[2], sub.z[2] * factor[:, None])
+    assert torch.equal(p2s_vectors(sub, 2, target_scales(None, 2))[2], sub.z[2])
 
 
 def test_mean_vectors_and_layer_checks(ex) -> None:

@@ -19,7 +19,7 @@ from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.errors import InvalidInputError
 from learn2steer.steering import FixedVectors, Scope, VectorProvider
-from learn2steer.training import p2s_vectors
+from learn2steer.training import p2s_vectors, target_scales
 from learn2steer.vectors import Extraction, SteeringVector, norm_random
 
 Source = Literal["nothing", "instruction", "artifact", "extraction"]
@@ -156,9 +156,15 @@ class MethodConfig:
 
 def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
-               layer: int | None = None, prompt: str = "", seed: int = 0) -> MethodConfig:
+               layer: int | None = None, prompt: str = "", seed: int = 0,
+               p2s_scales: Mapping[str, float] | None = None) -> MethodConfig:
     """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
-    for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered."""
+    for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered.
+
+    ``p2s_scales``: the per-group scalars of the L2S training targets, which P2S applies too; by default
+    those recorded in ``artifacts["l2s"]`` (give them when that artifact was not trained with these targets,
+    e.g. the paper's released predictor).
+    """
     m = method(name)
     if m.source == "nothing":
         return MethodConfig(method=name)
@@ -175,7 +181,8 @@ def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
     if extraction is None or layer is None:
         raise InvalidInputError(f"method {name!r} needs P2S vectors of the inputs it answers (an extraction) "
                                 "and the steering layer")
-    z = p2s_vectors(extraction, layer, arts.get("l2s_trained") or arts.get("l2s"))
+    scales = p2s_scales if p2s_scales is not None else target_scales(arts.get("l2s"), layer)
+    z = p2s_vectors(extraction, layer, scales)
     vecs = z if name == "p2s" else norm_random(z, seed=seed)
     return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids))
 

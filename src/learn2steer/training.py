@@ -10,7 +10,7 @@ out, with the final network's own predictions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -80,10 +80,17 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
     return arts, result
 
 
-def p2s_vectors(ex: Extraction, layer: int, l2s: SteeringArtifact | None) -> SteeringVector:
-    """P2S vectors of ``ex``'s inputs at ``layer``, rescaled with the scalars the L2S artifact was trained with."""
+def target_scales(l2s: SteeringArtifact | None, layer: int) -> dict[str, float]:
+    """The per-group scalars an L2S artifact's training targets were multiplied by at ``layer`` (empty: none)."""
+    if l2s is None:
+        return {}
+    return dict((l2s.training.get("group_scales") or {}).get(str(layer)) or {})
+
+
+def p2s_vectors(ex: Extraction, layer: int, scales: Mapping[str, float] | None = None) -> SteeringVector:
+    """P2S vectors of ``ex``'s inputs at ``layer``, each contrast group multiplied by its scalar in ``scales``
+    (:func:`target_scales` of the L2S trained on the same rows: P2S then uses L2S's very targets)."""
     z = SteeringVector({layer: ex.z[layer]})
-    scales = (l2s.training.get("group_scales") or {}).get(str(layer)) if l2s is not None else None
     if scales:
         return rescale_groups(z, ex.contrasts, "", scales={layer: scales})
     return z

@@ -104,3 +104,37 @@ def test_config_errors_are_clear(tmp_path) -> None:
         EvalConfig(task="chair")
     with pytest.raises(InvalidInputError, match="listed twice"):
         EvalConfig(methods=["l2s", "l2s"])
+
+
+def test_a_given_l2s_artifact_is_evaluated_and_p2s_keeps_the_trained_targets(tiny_llama, tmp_path) -> None:
+    """`--l2s-artifact` (e.g. the paper's predictor): the l2s cell steers with it; P2S is unchanged."""
+    import torch
+
+    from learn2steer.artifacts import SteeringArtifact
+    from learn2steer.methods import config_for, fingerprint
+
+    base = dict(dataset="demo", train_limit=48, test_limit=24, behaviour="safety_refusal", layers=[1], alphas=[1.0],
+                methods=["l2s", "p2s"], train=FAST, max_new_tokens=3, batch_size=20)
+    run_eval(EvalConfig(out=tmp_path / "trained", **base), handle=tiny_llama, progress=False)
+    given = SteeringArtifact.load(tmp_path / "trained" / "artifacts" / "L1" / "l2s")
+    assert any(abs(s - 1) > 1e-3 for s in given.training["group_scales"]["1"].values()), "targets were rescaled"
+    with torch.no_grad():
+        given.predictor.decoder.weight.mul_(-3.0)  # another predictor, trained without these targets
+    given.training = {}
+    given.save(tmp_path / "given")
+    run_eval(EvalConfig(out=tmp_path / "with_given", l2s_artifact=str(tmp_path / "given"), **base),
+             handle=tiny_llama, progress=False)
+
+    def stamp(run: str, cell: str) -> str:
+        return json.loads((tmp_path / run / "test" / "cells" / cell / "cell.json").read_text())["fingerprint"]
+
+    assert stamp("with_given", "l2s__L1__a1") == fingerprint(config_for("l2s", artifacts={
+        "l2s": SteeringArtifact.load(tmp_path / "given")}))
+    assert stamp("with_given", "l2s__L1__a1") != stamp("trained", "l2s__L1__a1")
+    assert stamp("with_given", "p2s__L1__a1") == stamp("trained", "p2s__L1__a1")
+    with pytest.raises(InvalidInputError, match="add it to --layers"):
+        run_eval(EvalConfig(out=tmp_path / "x", l2s_artifact=str(tmp_path / "given"), **{**base, "layers": [2]}),
+                 handle=tiny_llama, progress=False)
+    with pytest.raises(InvalidInputError, match="give an L2S one"):
+        run_eval(EvalConfig(out=tmp_path / "y", l2s_artifact=str(tmp_path / "trained" / "artifacts" / "L1" / "mean"),
+                            **base), handle=tiny_llama, progress=False)

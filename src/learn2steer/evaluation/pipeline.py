@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +39,7 @@ from learn2steer.evaluation.tasks import TASKS, Task, make_task
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.predictor import TrainConfig
-from learn2steer.training import save_artifacts, train_artifacts
+from learn2steer.training import save_artifacts, target_scales, train_artifacts
 from learn2steer.vectors import Extraction, extract
 
 
@@ -213,12 +213,14 @@ def _train_layers(ex: Extraction, ids: Sequence[str], cfg: EvalConfig, spec: Beh
 
 
 def _configure(cfg: EvalConfig, spec: BehaviourSpec, arts: dict[int, dict[str, SteeringArtifact]],
-               ex: Extraction | None) -> Callable[[Cell], MethodConfig]:
+               ex: Extraction | None, scales: dict[int, dict[str, float]] | None = None
+               ) -> Callable[[Cell], MethodConfig]:
     def configure(cell: Cell) -> MethodConfig:
         layer = cell.layer
         return config_for(cell.method, alpha=cell.alpha, scope=cfg.scope,
                           artifacts=arts.get(layer) if layer is not None else None, extraction=ex, layer=layer,
-                          prompt=spec.prompt, seed=cfg.seed)
+                          prompt=spec.prompt, seed=cfg.seed,
+                          p2s_scales=(scales or {}).get(layer) if layer is not None else None)
     return configure
 
 
@@ -282,10 +284,10 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         if handle is None:
             handle = load_model(cfg.model, layers_path=cfg.layers_path, dtype=cfg.dtype, device_map=cfg.device_map)
         timings["load"] = time.perf_counter() - t0
-        # layer indices are normalised once, here (negative ones count from the end)
-        cfg.layers = sorted({handle.check_layer(x) for x in cfg.layers})
-        if cfg.context_layer is not None:
-            cfg.context_layer = handle.check_layer(cfg.context_layer)
+        # layer indices are normalised once, here (negative ones count from the end), on a copy: the caller's
+        # config is left as given
+        cfg = replace(cfg, layers=sorted({handle.check_layer(x) for x in cfg.layers}),
+                      context_layer=None if cfg.context_layer is None else handle.check_layer(cfg.context_layer))
         official = _load_l2s_artifact(cfg, handle)
         steering = [m for m in methods if METHODS[m].steers]
         per_input = any(METHODS[m].per_input for m in methods)
@@ -309,12 +311,10 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         layers = sorted({c[0] for c in chosen.values()}) if chosen else list(cfg.layers)
         arts = (_train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
                 if steering and ex is not None else {})
+        # P2S uses the targets of the L2S trained here, also when another L2S artifact is evaluated
+        scales = {layer: target_scales(at_layer.get("l2s"), layer) for layer, at_layer in arts.items()}
         if official is not None:
-            layer = official.steer_layers[0]
-            at_layer = arts.setdefault(layer, {})
-            if "l2s" in at_layer:
-                at_layer["l2s_trained"] = at_layer["l2s"]  # keeps the target scalars P2S uses
-            at_layer["l2s"] = official
+            arts.setdefault(official.steer_layers[0], {})["l2s"] = official
         timings["train"] = time.perf_counter() - t
         if chosen:
             cells = [Cell(m, None, 0.0) for m in methods if not METHODS[m].steers]
@@ -323,7 +323,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
             cells = grid(methods, cfg.layers, cfg.alphas)
         t = time.perf_counter()
         ex_test = ex.select([e.id for e in test]) if per_input and ex is not None else None
-        results = run_grid(engine, test, cells, _configure(cfg, spec, arts, ex_test), task, out / "test",
+        results = run_grid(engine, test, cells, _configure(cfg, spec, arts, ex_test, scales), task, out / "test",
                            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress, job=job)
         timings["test"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
