@@ -29,14 +29,14 @@ from typing import Callable
 import psutil
 import torch
 
-from benchmarks.common import print_table, ratio, timings
+from benchmarks.common import generation_variants, print_table, ratio, timings
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.evaluation.datasets import demo_requests
 from learn2steer.models.loading import ModelHandle, cache_dir, load_default_model
 from learn2steer.models.prompts import PromptRow, batch_from_texts, build_inputs, forward_kwargs
 from learn2steer.predictor import L2SNet, TrainConfig, fit
-from learn2steer.steering import PredictedVectors, steer
+from learn2steer.steering import PredictedVectors
 from learn2steer.vectors import SteeringVector, extract_to, p2s_batch
 
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
@@ -51,23 +51,10 @@ def bench_generation(h: ModelHandle, batch_size: int, new_tokens: int, reps: int
     torch.manual_seed(0)
     net = L2SNet(h.hidden_size, h.hidden_size)
     mean = torch.randn(h.hidden_size)
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               pad_token_id=h.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-
-    def plain() -> object:
-        with torch.no_grad():
-            return h.model.generate(**batch.inputs, **gen)
-
-    def l2s() -> object:
-        with steer(h, PredictedVectors(net, layer, (layer,)), alpha=0.5, scope="all", batch=batch), torch.no_grad():
-            return h.model.generate(**batch.inputs, **gen)
-
-    def mean_s() -> object:
-        with steer(h, SteeringVector({layer: mean}), alpha=0.5, scope="all", batch=batch), torch.no_grad():
-            return h.model.generate(**batch.inputs, **gen)
-
-    plain()  # warm-up
-    t = timings({"plain": plain, "l2s": l2s, "mean": mean_s}, reps)
+    fns = generation_variants(h, batch, new_tokens, {"plain": None, "l2s": PredictedVectors(net, layer, (layer,)),
+                                                     "mean": SteeringVector({layer: mean})})
+    fns["plain"]()  # warm-up
+    t = timings(fns, reps)
     tokens = batch_size * new_tokens
     return {"batch_size": batch_size, "new_tokens": new_tokens, "reps": reps, "seconds": t,
             "tokens_per_s": {k: tokens / statistics.median(v) for k, v in t.items()},

@@ -106,10 +106,11 @@ def check_bf16() -> dict[str, Any]:
 
 
 def bench_overhead(batch_size: int, reps: int = 5, new_tokens: int = 128) -> dict[str, Any]:
+    from benchmarks.common import generation_variants, ratio, timings
     from learn2steer.evaluation.datasets import demo_requests
     from learn2steer.models.prompts import PromptRow, build_inputs
     from learn2steer.predictor import L2SNet
-    from learn2steer.steering import PredictedVectors, steer
+    from learn2steer.steering import PredictedVectors
     from learn2steer.vectors import SteeringVector
 
     h = _model(2048, 16, 32000, torch.bfloat16)
@@ -118,37 +119,14 @@ def bench_overhead(batch_size: int, reps: int = 5, new_tokens: int = 128) -> dic
     batch = build_inputs(h, [PromptRow(q) for q in qs])
     net = L2SNet(2048, 2048).cuda()
     mean = torch.randn(2048) * 0.01
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               pad_token_id=h.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-
-    def plain() -> None:
-        with torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    def l2s() -> None:
-        with steer(h, PredictedVectors(net, 8, (8,)), alpha=0.5, batch=batch), torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    def mean_s() -> None:
-        with steer(h, SteeringVector({8: mean}), alpha=0.5, batch=batch), torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    fns = {"plain": plain, "l2s": l2s, "mean": mean_s}
+    fns = generation_variants(h, batch, new_tokens, {"plain": None, "l2s": PredictedVectors(net, 8, (8,)),
+                                                     "mean": SteeringVector({8: mean})})
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for k in names[r % 3:] + names[:r % 3]:
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fns[k]()
-            torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
-    ratio = {k: statistics.median(p / o for p, o in zip(times["plain"], times[k])) for k in ("l2s", "mean")}
+    times = timings(fns, reps, sync=torch.cuda.synchronize)
     return {"batch_size": batch_size, "new_tokens": new_tokens, "reps": reps, "seconds": times,
             "tokens_per_s": {k: batch_size * new_tokens / statistics.median(v) for k, v in times.items()},
-            "ratio_l2s": ratio["l2s"], "ratio_mean": ratio["mean"]}
+            "ratio_l2s": ratio(times, "plain", "l2s"), "ratio_mean": ratio(times, "plain", "mean")}
 
 
 def main() -> None:

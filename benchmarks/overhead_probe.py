@@ -1,6 +1,6 @@
 """Probe: plain / L2S / zero-vector generation side by side (batch 16, 48 tokens), and the cost of one write.
 
-Run from the repository root: ``python benchmarks/overhead_probe.py``. Prints every repetition so that
+Run from the repository root: ``python -m benchmarks.overhead_probe``. Prints every repetition so that
 machine noise is visible next to the medians.
 """
 
@@ -11,10 +11,11 @@ import time
 
 import torch
 
+from benchmarks.common import generation_variants
 from learn2steer import PromptRow, build_inputs, load_default_model
 from learn2steer.evaluation.datasets import demo_requests
 from learn2steer.predictor import L2SNet
-from learn2steer.steering import PredictedVectors, steer, step_mask
+from learn2steer.steering import PredictedVectors, step_mask
 from learn2steer.vectors import SteeringVector
 
 
@@ -22,23 +23,10 @@ def main() -> None:
     h = load_default_model()
     batch = build_inputs(h, [PromptRow(e.question) for e in demo_requests()[:16]])
     net = L2SNet(h.hidden_size, h.hidden_size)
-    gen = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=h.tokenizer.pad_token_id,
-               temperature=None, top_p=None, top_k=None)
-
-    def plain() -> None:
-        with torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    def l2s() -> None:
-        with steer(h, PredictedVectors(net, 12, (12,)), alpha=0.5, batch=batch), torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    def zero() -> None:
-        with steer(h, SteeringVector({12: torch.zeros(h.hidden_size)}), alpha=0.5, batch=batch), torch.no_grad():
-            h.model.generate(**batch.inputs, **gen)
-
-    plain()
-    variants = [("plain", plain), ("l2s", l2s), ("zero", zero)]
+    fns = generation_variants(h, batch, 48, {"plain": None, "l2s": PredictedVectors(net, 12, (12,)),
+                                             "zero": SteeringVector({12: torch.zeros(h.hidden_size)})})
+    fns["plain"]()  # warm-up
+    variants = list(fns.items())
     times: dict[str, list[float]] = {k: [] for k, _ in variants}
     for r in range(6):
         for k, fn in (variants if r % 2 == 0 else variants[::-1]):
