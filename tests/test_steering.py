@@ -325,3 +325,25 @@ def test_mask_and_vector_follow_each_layers_device(tiny_llama) -> None:
     with steer(h, PredictedVectors(net, 1, (2, 3)), batch=batch):
         _ids(h, batch)
     assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("alpha", [1e308, 1e39])
+def test_a_strength_that_overflows_float32_is_refused_before_it_writes(tiny_llama, alpha) -> None:
+    """1e308 is finite in Python but inf in float32; 1e39 times a unit vector too: an error, not an empty answer."""
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ?")])
+    with pytest.raises(InvalidInputError, match="alpha"):
+        with steer(h, _v(h), alpha=alpha, batch=batch):
+            _ids(h, batch)
+
+
+def test_a_strength_far_above_the_residual_norm_is_refused_unless_allowed(tiny_llama) -> None:
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ?")])
+    with pytest.raises(InvalidInputError, match="times the residual stream's norm"):
+        with steer(h, _v(h), alpha=1e8, batch=batch):
+            _ids(h, batch)
+    with steer(h, _v(h), alpha=1e8, batch=batch, max_relative=None):  # the bound is a setting
+        _ids(h, batch)
+    with steer(h, _v(h), alpha=20.0, batch=batch):  # strong but ordinary strengths pass
+        _ids(h, batch)

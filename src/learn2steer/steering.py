@@ -29,6 +29,7 @@ import torch
 
 from learn2steer.activations import layer_output
 from learn2steer.errors import InvalidInputError
+from learn2steer.models.calls import cached_positions
 from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch
 from learn2steer.vectors import SteeringVector
@@ -275,6 +276,33 @@ def _expand_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
     return v.repeat_interleave(rows // v.shape[0], dim=0)
 
 
+MAX_RELATIVE_STRENGTH = 1e4
+"""Default bound on ``|alpha * v| / |h|`` at the steered layer. Useful strengths are around 0.1-20 (the
+paper's alphas with vectors of the residual's own scale); past about 1e4 the next layer norm's squares
+overflow float32/bfloat16 and the answer is empty or NaN, so such a strength is a mistake, not a setting."""
+
+
+def check_strength(delta: torch.Tensor, hidden: torch.Tensor, alpha: float, max_relative: float | None) -> None:
+    """Refuse an addition that is not finite in the model's dtype, or far larger than the residual stream.
+
+    ``delta`` is ``alpha * v`` ([D] or [rows, D] or [rows, 1, D]) in the hidden states' dtype, ``hidden`` the
+    layer's output of this call. Either problem would write inf/NaN (now or a few layers later) into the
+    residual stream and the KV cache: an empty or garbage answer with no error.
+    """
+    if not bool(torch.isfinite(delta).all()):
+        raise InvalidInputError(f"alpha={alpha:g} times the steering vector overflows {hidden.dtype} (inf or NaN); "
+                                "use a smaller alpha")
+    if max_relative is None:
+        return
+    added = float(delta.float().norm(dim=-1).max())
+    residual = float(hidden.float().norm(dim=-1).median())
+    if residual > 0 and added > max_relative * residual:
+        raise InvalidInputError(
+            f"alpha={alpha:g} adds a vector of norm {added:.3g}, {added / residual:.3g} times the residual stream's "
+            f"norm ({residual:.3g}); more than {max_relative:g} times only produces overflow. Use a smaller alpha "
+            "(or raise max_relative)")
+
+
 def _provider(handle: ModelHandle, vectors: SteeringVector | VectorProvider) -> VectorProvider:
     if isinstance(vectors, SteeringVector):
         if vectors.hidden_size != handle.hidden_size:
@@ -289,8 +317,8 @@ def _provider(handle: ModelHandle, vectors: SteeringVector | VectorProvider) -> 
 
 @contextmanager
 def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alpha: float = 1.0,
-          scope: Scope | str = Scope.ALL, batch: Batch | None = None, trace: list[TraceRecord] | None = None
-          ) -> Iterator[None]:
+          scope: Scope | str = Scope.ALL, batch: Batch | None = None, trace: list[TraceRecord] | None = None,
+          max_relative: float | None = MAX_RELATIVE_STRENGTH) -> Iterator[None]:
     """Add ``alpha * v`` to the output of decoder block(s) while the context is open.
 
     ``vectors`` is a :class:`SteeringVector` (``[D]`` shared or ``[B, D]`` per row, per layer) or a
@@ -299,13 +327,14 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     without KV cache, chunked prefill, an existing cache, beam search). Without ``batch`` each call
     without cache starts a new sequence whose prompt is that call's input (right for plain forwards and
     ordinary cached ``generate``); modes where that guess would be wrong raise an error instead. A zero
-    vector leaves outputs bit-for-bit unchanged.
+    vector leaves outputs bit-for-bit unchanged. ``max_relative`` bounds ``|alpha * v|`` against the
+    residual stream's norm (see :func:`check_strength`; None: no bound).
 
     >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
     ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
     """
-    if not math.isfinite(float(alpha)):
-        raise InvalidInputError(f"steering strength alpha must be a finite number, got {alpha!r}")
+    if not math.isfinite(float(alpha)) or not math.isfinite(float(torch.tensor(float(alpha), dtype=torch.float32))):
+        raise InvalidInputError(f"steering strength alpha must be a finite float32 number, got {alpha!r}")
     scope = Scope.parse(scope)
     provider = _provider(handle, vectors)
     write_layers = [handle.check_layer(layer) for layer in provider.write_layers]
@@ -319,6 +348,7 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     boundary_matters = predicted or scope is not Scope.ALL
     fixed_layout = Layout.of(batch) if batch is not None else None
     state: dict[str, Step] = {}
+    checked: dict[int, torch.Tensor] = {}  # layer -> the last vector whose strength was checked
 
     def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -326,14 +356,9 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
         if ref is None:
             raise RuntimeError("steering needs input_ids or inputs_embeds in the model call")
         rows, cur = int(ref.shape[0]), int(ref.shape[1])
-        pkv = kwargs.get("past_key_values")
         mask = kwargs.get("attention_mask")
         mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        past = 0
-        if pkv is not None and hasattr(pkv, "get_seq_length"):
-            past = int(pkv.get_seq_length())
-        elif mask2d is not None:
-            past = int(mask2d.shape[1]) - cur
+        past = cached_positions(args, kwargs, cur)
         layout = fixed_layout
         if layout is None:
             problem = None
@@ -392,6 +417,9 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
                 trace.append(TraceRecord(layer, step.past_len,
                                          [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in cols]))
             delta = alpha * _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
+            if checked.get(layer) is not v:  # once per vector and layer: one device sync, not one per step
+                check_strength(delta, hidden, alpha, max_relative)
+                checked[layer] = v
             delta = delta.unsqueeze(-2) if delta.dim() == 2 else delta
             steered = hidden + delta if mask is None else torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
             if isinstance(output, tuple):
