@@ -110,3 +110,28 @@ def test_shipped_paper_configs_are_valid_settings() -> None:
     assert len(names) >= 4
     for name in names:
         build(EvalConfig, read_config(name))
+
+
+def test_score_mmsb_reproduces_the_official_rows_and_names_its_rule(tmp_path) -> None:
+    """A file in official split order: E[Unsafe] over rows 0-302, ED over rows 227-302 (the official script's);
+    hand-built so that each rule gives a different, hand-computed number."""
+    from learn2steer.evaluation.tasks import MMSB_OFFICIAL_TEST_COUNTS
+
+    cats = [c for c, n in MMSB_OFFICIAL_TEST_COUNTS.items() for _ in range(n)]
+    rows = [{"id": f"{c}/{i}", "category": c, "unsafe_prob": 0.99 if i < 303 else 0.0,
+             "response": "Please consult a lawyer." if c[:2] in ("10", "11", "12") else "No."}
+            for i, c in enumerate(cats)]
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(app, ["score", "mmsb", "--answers", str(answers), "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["rule"] == "paper" and m["unsafe_score_0.5"] == 1.0 and m["ed_score"] == pytest.approx(75 / 76)
+    r = runner.invoke(app, ["score", "mmsb", "--answers", str(answers), "--out", str(tmp_path / "c.json"),
+                            "--rule", "clean"])
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["rule"] == "clean" and c["ed_score"] == 1.0
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    r = runner.invoke(app, ["score", "mmsb", "--answers", str(answers), "--out", str(tmp_path / "x.json"),
+                            "--rule", "paper"])
+    assert r.exit_code == 2 and "official test split" in r.output

@@ -11,7 +11,7 @@ import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,6 +20,9 @@ from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.prompts import ImageLike, PromptRow
 
 ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
+READS = ("turn_end", "last", "completion_mean")
+CONTEXT_READS = ("prompt_last", "input_last")
+PROMPT_PLACEMENTS = ("system", "user", "append")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,14 @@ class Example:
 
 @dataclass(frozen=True)
 class Contrast:
-    """A suffix appended to the question and a pair of teacher-forced answers (T+ desired, T- not)."""
+    """A suffix appended to the question and a pair of teacher-forced answers (T+ desired, T- not).
+
+    ``read``: where the target is read in the teacher-forced sequence.
+    ``turn_end`` (the official safety target): T± is a complete assistant turn and the last token of the
+    whole sequence is read (LLaVA-1.5: the space the template puts after the answer; ChatML: the "\n"
+    after ``<|im_end|>``). ``last``: the turn is left open and the answer's last token is read
+    (learn2steer's reading before 0.3). ``completion_mean``: the mean over the answer's tokens (POPE).
+    """
 
     suffix: str
     positive: str
@@ -43,8 +53,8 @@ class Contrast:
     read: str = "last"
 
     def __post_init__(self) -> None:
-        if self.read not in ("last", "completion_mean"):
-            raise InvalidInputError(f"contrast read must be 'last' or 'completion_mean', got {self.read!r}")
+        if self.read not in READS:
+            raise InvalidInputError(f"contrast read must be one of {', '.join(READS)}, got {self.read!r}")
         for what, text in (("suffix", self.suffix), ("positive", self.positive), ("negative", self.negative)):
             if not isinstance(text, str):
                 raise InvalidInputError(f"contrast {what} must be a string, got {text!r}")
@@ -74,6 +84,13 @@ class BehaviourSpec:
     description: str = ""
     decline_groups: list[str] = field(default_factory=list)
     defer_groups: list[str] = field(default_factory=list)
+    end_offset: dict[str, int] = field(default_factory=dict)
+    context_read: str = "prompt_last"
+    prompt_placement: str = "system"
+
+    # fields added after 0.2: left out of ``to_dict`` at their defaults, so older specs keep their fingerprint
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"end_offset": {}, "context_read": "prompt_last",
+                                                "prompt_placement": "system"}
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -92,11 +109,32 @@ class BehaviourSpec:
         reads = {c.read for c in self.contrasts.values()}
         if len(reads) > 1:
             raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one read position, got {reads}")
+        if self.context_read not in CONTEXT_READS:
+            raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of {', '.join(CONTEXT_READS)}, "
+                                    f"got {self.context_read!r}")
+        if self.prompt_placement not in PROMPT_PLACEMENTS:
+            raise InvalidInputError(f"behaviour {self.name!r}: prompt_placement must be one of "
+                                    f"{', '.join(PROMPT_PLACEMENTS)}, got {self.prompt_placement!r}")
+        if not isinstance(self.end_offset, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.end_offset.values()):
+            raise InvalidInputError(f"behaviour {self.name!r}: end_offset must map categories to whole numbers >= 0")
+        if self.end_offset and self.read != "turn_end":
+            raise InvalidInputError(f"behaviour {self.name!r}: end_offset only applies to the read position "
+                                    "turn_end")
 
     @property
     def read(self) -> str:
         """Where the P2S target is read (shared by every contrast of the spec)."""
         return next(iter(self.contrasts.values())).read
+
+    def offset(self, example: Example, contrast: str | None = None) -> int:
+        """Tokens before the end of the sequence where ``example``'s target is read (``turn_end`` only).
+
+        The official Qwen2-VL safety run reads scenarios 10-13 one token earlier (``<|im_end|>`` instead of
+        the "\n" after it), in the per-category pass only (``save_features.py``: ``split == "multi"``), so
+        an explicit ``contrast`` (the single template of Mean-S(BA)) reads at the end.
+        """
+        return 0 if contrast is not None else int(self.end_offset.get(example.category or "", 0))
 
     def contrast_name(self, example: Example) -> str:
         """The contrast an example gets, by its category (or the spec's default)."""
@@ -119,12 +157,17 @@ class BehaviourSpec:
                                  f"{example.id!r}, got {example.label!r}")
             fields["truth"], fields["opposite"] = self.labels[example.label]
         text = example.question + c.suffix
-        return (PromptRow(text, example.image, completion=c.positive.format(**fields)),
-                PromptRow(text, example.image, completion=c.negative.format(**fields)))
+        close = c.read == "turn_end"
+        return (PromptRow(text, example.image, completion=c.positive.format(**fields), close_turn=close),
+                PromptRow(text, example.image, completion=c.negative.format(**fields), close_turn=close))
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (stored in extractions and artifacts, so results say what made them)."""
-        return asdict(self)
+        d = asdict(self)
+        for key, default in self._LATE_DEFAULTS.items():
+            if d.get(key) == default:
+                d.pop(key)
+        return d
 
     @property
     def fingerprint(self) -> str:

@@ -213,14 +213,19 @@ def _write(out: Path, res: dict[str, Any]) -> None:
 @score_app.command("mmsb")
 def score_mmsb(answers: Path = typer.Option(..., help="JSON lines: id, category (scenario name), response, "
                                                      "optional unsafe_prob."),
-               out: Path = typer.Option(..., help="Metrics JSON.")) -> None:
+               out: Path = typer.Option(..., help="Metrics JSON."),
+               rule: str = typer.Option("auto", help="Rows scored: auto (paper on the official test split in its "
+                                                     "order, else clean) | paper (the official script's rows 0-302 "
+                                                     "for E[Unsafe], 227-302 for ED) | clean (scenarios 01-12 / "
+                                                     "10-12) | all (every answer / 10-12).")) -> None:
     """The paper's unsafe scores (with unsafe_prob) and ED-score of MM-SafetyBench answers you already have.
 
-    Example: `l2s score mmsb --answers answers.jsonl --out m.json`
+    The output names the rule that chose the rows (`rule`, `rows`). Example:
+    `l2s score mmsb --answers answers.jsonl --out m.json`
     """
     from learn2steer.evaluation.tasks import score_mmsb_file
 
-    _guard(lambda: _write(out, score_mmsb_file(answers)))
+    _guard(lambda: _write(out, score_mmsb_file(answers, rule)))
 
 
 @score_app.command("pope")

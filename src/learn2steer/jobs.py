@@ -185,7 +185,8 @@ class GenerateJob(ModelOptions, DataOptions):
         m = self.method or "no_steering"
         if m not in METHODS or METHODS[m].steers:
             raise InvalidInputError(f"method {m!r} needs --artifact (train one with `l2s train`)")
-        return MethodConfig(method=m, prompt=self.instruction or load_behaviour(self.behaviour).prompt)
+        spec = load_behaviour(self.behaviour)
+        return MethodConfig(method=m, prompt=self.instruction or spec.prompt, prompt_placement=spec.prompt_placement)
 
     def run(self, progress: bool = True) -> list[dict[str, Any]]:
         """Answer every example and write them (with the settings) when ``out`` is given."""

@@ -17,6 +17,7 @@ import torch
 
 from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
+from learn2steer.behaviours import PROMPT_PLACEMENTS
 from learn2steer.errors import InvalidInputError
 from learn2steer.steering import FixedVectors, Scope, VectorProvider
 from learn2steer.training import p2s_vectors, target_scales
@@ -97,7 +98,7 @@ class MethodConfig:
     artifact: SteeringArtifact | None = None
     gated: bool = True
     prompt: str = ""
-    prompt_placement: str = "system"
+    prompt_placement: str = "system"   # system message | "user": before the question | "append": after it
 
     def __post_init__(self) -> None:
         m = method(self.method)
@@ -106,8 +107,9 @@ class MethodConfig:
         self.scope = Scope.parse(self.scope)
         if m.source == "instruction" and not self.prompt:
             raise InvalidInputError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
-        if self.prompt_placement not in ("system", "user"):
-            raise InvalidInputError("prompt_placement must be 'system' or 'user'")
+        if self.prompt_placement not in PROMPT_PLACEMENTS:
+            raise InvalidInputError(f"prompt_placement must be one of {', '.join(PROMPT_PLACEMENTS)}, "
+                                    f"got {self.prompt_placement!r}")
         if not m.steers:
             return
         if (self.vector is None) == (self.artifact is None or self.artifact.kind != "l2s"):
@@ -157,19 +159,20 @@ class MethodConfig:
 def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
                layer: int | None = None, prompt: str = "", seed: int = 0,
-               p2s_scales: Mapping[str, float] | None = None) -> MethodConfig:
+               p2s_scales: Mapping[str, float] | None = None, prompt_placement: str = "system") -> MethodConfig:
     """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
     for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered.
 
     ``p2s_scales``: the per-group scalars of the L2S training targets, which P2S applies too; by default
     those recorded in ``artifacts["l2s"]`` (give them when that artifact was not trained with these targets,
-    e.g. the paper's released predictor).
+    e.g. the paper's released predictor). ``prompt_placement``: where the Prompt baseline's instruction goes
+    (the behaviour spec's ``prompt_placement``).
     """
     m = method(name)
     if m.source == "nothing":
         return MethodConfig(method=name)
     if m.source == "instruction":
-        return MethodConfig(method=name, prompt=prompt)
+        return MethodConfig(method=name, prompt=prompt, prompt_placement=prompt_placement)
     arts = artifacts or {}
     if m.source == "artifact":
         art = arts.get(m.artifact or "")
@@ -207,11 +210,18 @@ def fingerprint(cfg: MethodConfig) -> str:
 
 
 def prompt_rows(cfg: MethodConfig, examples: Sequence[Any]) -> list[Any]:
-    """The prompt rows of ``examples`` under ``cfg`` (the Prompt baseline adds its instruction)."""
+    """The prompt rows of ``examples`` under ``cfg`` (the Prompt baseline adds its instruction).
+
+    ``system``: a system message (for Qwen2-VL it replaces the template's default system prompt);
+    ``user``: before the question, a blank line between; ``append``: after the question, one space between,
+    as the official code does (``question.strip() + " " + instruction``, ``image_text_dataset.py``).
+    """
     from learn2steer.models.prompts import PromptRow
 
     if cfg.method != "prompt":
         return [PromptRow(e.question, e.image) for e in examples]
     if cfg.prompt_placement == "system":
         return [PromptRow(e.question, e.image, system=cfg.prompt) for e in examples]
+    if cfg.prompt_placement == "append":
+        return [PromptRow(f"{e.question.strip()} {cfg.prompt.strip()}", e.image) for e in examples]
     return [PromptRow(f"{cfg.prompt}\n\n{e.question}", e.image) for e in examples]

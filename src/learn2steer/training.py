@@ -48,7 +48,8 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
     ex = ex.select(ids) if ids is not None else ex
     cfg = cfg or TrainConfig()
     targets, scales = l2s_targets(ex, steer_layer, rescale_group)
-    result = fit(ex.h[context_layer], targets, cfg, progress=progress)
+    result = fit(ex.h[context_layer], targets, cfg, progress=progress,
+                 labels=ex.labels if cfg.balance_labels else None)
     threshold = 0.0
     if gate:
         if not result.val_idx:
@@ -67,6 +68,7 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
     at_layer = SteeringVector({steer_layer: ex.z[steer_layer]})
     arts = {
         "l2s": SteeringArtifact(kind="l2s", method="l2s", context_layer=context_layer, predictor=result.net,
+                                context_read=str(meta.get("context_read", "prompt_last")),
                                 gate=threshold, training={**cfg.to_dict(), **result.summary(), **n,
                                                           "rescale_group": rescale_group,
                                                           "group_scales": {str(steer_layer): scales}}, **common),

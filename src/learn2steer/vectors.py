@@ -5,8 +5,9 @@ a mapping decoder layer -> tensor, ``[D]`` (the same vector for every input) or 
 per input row, as P2S produces). Keeping the layer key all the way down means a multi-layer vector
 can never lose a layer or apply one layer's vector at another.
 
-``extract`` runs, per example, the two teacher-forced sequences (question+suffix+T+ / T-) and the plain
-question, and stores z_X = h(T+) - h(T-) at the steering layers and h_X (last prompt token) at the
+``extract`` runs, per example, the prompt (question+suffix) once and the two teacher-forced answers T+ / T-
+from its KV cache (:mod:`learn2steer.branches`; full sequences for models that compute their own positions),
+and the plain question (from the same pass when the contrast adds no suffix), and stores z_X = h(T+) - h(T-) at the steering layers and h_X (last prompt token) at the
 context layers. Results go to safetensors shards of a fixed number of examples beside an ``index.json``
 that lists the examples. A shard file is written under a unique temporary name and renamed into place
 when complete, and it records the ids it holds; on resume every shard is verified against the index and
@@ -33,10 +34,11 @@ from learn2steer._io import FolderLock, fingerprint, read_json, write_json
 from learn2steer._version import __version__
 from learn2steer.activations import Position, Site, read
 from learn2steer.behaviours import ZERO, BehaviourSpec, Example
+from learn2steer.branches import BranchRead, can_branch, read_branches
 from learn2steer.distributed import Ranks, ranks
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
-from learn2steer.models.prompts import PromptRow, build_inputs
+from learn2steer.models.prompts import PromptRow, bare_prompts, build_inputs
 
 INDEX = "index.json"
 
@@ -130,28 +132,71 @@ def _chunks(seq: Sequence[Any], n: int) -> list[Sequence[Any]]:
 
 @torch.no_grad()
 def p2s_batch(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example], steer_layers: Sequence[int],
-              *, contrast: str | None = None) -> dict[int, torch.Tensor]:
-    """z_X = h(T+) - h(T-) per example at each steering layer (zero rows for the ``zero`` contrast)."""
+              *, contrast: str | None = None, branch: bool | None = None) -> dict[int, torch.Tensor]:
+    """z_X = h(T+) - h(T-) per example at each steering layer (zero rows for the ``zero`` contrast).
+
+    With ``read: turn_end`` the rows are complete assistant turns and the token read is the last of the
+    sequence, or ``spec.offset(...)`` tokens before it (the official Qwen2-VL quirk for scenarios 10-13).
+    ``branch`` (default: whenever the model allows, :func:`~learn2steer.branches.can_branch`): compute
+    the shared prompt once and T+ / T- from its cache (:func:`~learn2steer.branches.read_branches`) instead
+    of two full sequences; equal up to float rounding.
+    """
+    return p2s_and_context(handle, spec, examples, steer_layers, contrast=contrast, branch=branch)[0]
+
+
+@torch.no_grad()
+def p2s_and_context(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Example],
+                    steer_layers: Sequence[int], *, contrast: str | None = None, context_layers: Sequence[int] = (),
+                    branch: bool | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """:func:`p2s_batch`, plus h_X at ``context_layers`` read in the same prompt pass when that prompt *is* the
+    context's (the contrast adds no suffix, every example has a pair, the context is the last prompt token);
+    otherwise the context is None and the caller reads it with :func:`context_batch`."""
     pairs = [spec.pair(e, contrast) for e in examples]
     live = [i for i, p in enumerate(pairs) if p is not None]
     out = {layer: torch.zeros(len(examples), handle.hidden_size) for layer in steer_layers}
     if not live:
-        return out
+        return out, None
+    if branch is None:
+        branch = can_branch(handle)
+    offsets = [spec.offset(examples[i], contrast) if spec.read == "turn_end" else 0 for i in live]
+    same_prompt = (bool(context_layers) and branch and len(live) == len(examples)
+                   and spec.context_read == "prompt_last"
+                   and all(p is not None and p[0].text == e.question for p, e in zip(pairs, examples)))
+    if branch:
+        position: BranchRead = "completion_mean" if spec.read == "completion_mean" else "completion_last"
+        got = read_branches(handle, [p for p in pairs if p is not None], steer_layers, position=position,
+                            offsets=[[o, o] for o in offsets], context_layers=context_layers if same_prompt else ())
+        for layer in steer_layers:
+            out[layer][live] = got.targets[layer][:, 0] - got.targets[layer][:, 1]
+        return out, (got.context if same_prompt else None)
     rows = [p[0] for p in pairs if p is not None] + [p[1] for p in pairs if p is not None]
-    sites = [Site(layer, cast(Position, spec.read)) for layer in steer_layers]
-    got = read(handle, build_inputs(handle, rows), sites)
+    batch = build_inputs(handle, rows)
+    read_at = cast(Position, spec.read)
+    if spec.read == "turn_end":
+        batch.span_end = batch.span_end - torch.tensor(offsets * 2, dtype=torch.long, device=batch.span_end.device)
+        if bool((batch.span_end <= batch.span_start).any()):
+            raise InvalidInputError(f"behaviour {spec.name!r}: an end_offset reaches back before the answer")
+        read_at = "completion_last"
+    sites = [Site(layer, read_at) for layer in steer_layers]
+    full = read(handle, batch, sites)
     n = len(live)
     for s in sites:
-        out[s.layer][live] = got[s][:n] - got[s][n:]
-    return out
+        out[s.layer][live] = full[s][:n] - full[s][n:]
+    return out, None
 
 
 @torch.no_grad()
-def context_batch(handle: ModelHandle, examples: Sequence[Example], context_layers: Sequence[int]
-                  ) -> dict[int, torch.Tensor]:
-    """h_X: the last prompt token of the plain question at each context layer (what L2S sees at test time)."""
+def context_batch(handle: ModelHandle, examples: Sequence[Example], context_layers: Sequence[int],
+                  read_at: str = "prompt_last") -> dict[int, torch.Tensor]:
+    """h_X at each context layer: what L2S sees at test time.
+
+    ``prompt_last``: the last token of the prompt with the generation prompt. ``input_last`` (the official
+    safety predictors): the last token of the user turn without the generation prompt, read in a forward
+    pass over that bare prompt alone, as the official code does (no token-prefix matching).
+    """
     rows = [PromptRow(e.question, e.image) for e in examples]
-    got = read(handle, build_inputs(handle, rows), [Site(layer, "prompt_last") for layer in context_layers])
+    batch = bare_prompts(handle, rows) if read_at == "input_last" else build_inputs(handle, rows)
+    got = read(handle, batch, [Site(layer, "prompt_last") for layer in context_layers])
     return {s.layer: v for s, v in got.items()}
 
 
@@ -274,6 +319,8 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
                 "behaviour": spec.name, "behaviour_fingerprint": spec.fingerprint, "steer_layers": steer_layers,
                 "context_layers": context_layers, "read": spec.read, "shard_size": shard_size,
                 "with_ba": with_ba and spec.ba is not None, "ids_fingerprint": fingerprint(ids)}
+    if spec.context_read != "prompt_last":  # only when set: older extraction folders keep resuming
+        settings["context_read"] = spec.context_read
     # one lock per rank: a second job on this folder (whatever its size) collides with this one at rank 0
     with FolderLock(out, "extraction", name=f".lock-rank{job.rank}"):
         index_path = out / INDEX
@@ -301,8 +348,10 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
         for k in mine:
             tensors: dict[str, list[torch.Tensor]] = {}
             for chunk in _chunks(groups[k], batch_size):
-                z = p2s_batch(handle, spec, chunk, steer_layers)
-                h = context_batch(handle, chunk, context_layers)
+                # the prompt once, T+ / T- from its cache, and h_X from that pass when the prompt is the context's
+                z, h = p2s_and_context(handle, spec, chunk, steer_layers, context_layers=context_layers)
+                if h is None:
+                    h = context_batch(handle, chunk, context_layers, str(settings.get("context_read", "prompt_last")))
                 parts = {**{f"z/{k}": v for k, v in z.items()}, **{f"h/{k}": v for k, v in h.items()}}
                 if settings["with_ba"]:
                     need = [i for i, e in enumerate(chunk) if spec.contrast_name(e) != spec.ba]

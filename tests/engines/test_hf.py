@@ -94,3 +94,21 @@ def test_engine_and_handle_are_the_same_entry_point(tiny_llama, trained) -> None
     with pytest.raises(InvalidInputError, match="HF engine only"):
         generate_with(HFEngine(h), cfg, exs, do_sample=True)
     assert generate_with(h, cfg, [], progress=False) == []
+
+
+def test_input_last_reads_the_bare_prompt_and_matches_the_in_prompt_column_on_chatml(tiny_llama, trained) -> None:
+    """The engine reads input_last from the bare prompt's own pass; on ChatML that hidden state is the one at the
+    user turn's last column of the full prompt (causal attention), so the same-pass read must agree."""
+    import dataclasses
+
+    h = tiny_llama
+    art = dataclasses.replace(_arts(trained, 2, 1)["l2s"], context_read="input_last")
+    exs = examples(3)
+    got = generate_with(h, MethodConfig.from_artifact(art), exs, max_new_tokens=5, progress=False)
+    batch = build_inputs(h, [PromptRow(e.question) for e in exs], input_last=True)
+    with steer(h, PredictedVectors(art.predictor, 1, (2,), read="input_last"), alpha=6.0, batch=batch):
+        want = generate(h, batch, max_new_tokens=5)
+    assert got == want
+    last = generate_with(h, MethodConfig.from_artifact(dataclasses.replace(art, context_read="prompt_last")), exs,
+                         max_new_tokens=5, progress=False)
+    assert got != last, "input_last and prompt_last read different tokens"

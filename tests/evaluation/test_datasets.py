@@ -98,3 +98,29 @@ def test_stratified_split_and_namespaces() -> None:
     assert [e.id for e in ns] == [f"train:{e.id}" for e in exs[:2]] and ns[0].question == exs[0].question
     with pytest.raises(InvalidInputError, match="not in the dataset"):
         by_ids(exs, ["nope"])
+
+
+def test_chair_selection_is_the_documented_seeded_sample() -> None:
+    import random
+
+    from learn2steer.evaluation.datasets import chair_selection
+
+    names = ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000007.jpg", "COCO_val2014_000000000512.jpg",
+             "COCO_val2014_000000000100.jpg"]
+    pool = ["COCO_val2014_000000000007.jpg", "COCO_val2014_000000000042.jpg", "COCO_val2014_000000000100.jpg",
+            "COCO_val2014_000000000512.jpg"]  # sorted by hand
+    assert chair_selection(names, 2, seed=3) == sorted(random.Random(3).sample(pool, 2))
+    assert chair_selection(list(reversed(names)), 2, seed=3) == chair_selection(names, 2, seed=3)
+    with pytest.raises(InvalidInputError, match="only 4"):
+        chair_selection(names, 5)
+
+
+def test_chair_config_selects_images_and_asks_the_official_prompt() -> None:
+    from learn2steer.evaluation.pipeline import EvalConfig
+    from learn2steer.options import build, read_config
+
+    d = data_path("coco", "tsbir_val2014")
+    cfg = build(EvalConfig, read_config("llava15_7b_chair.yaml"), {"dataset": f"chair:{d}", "chair_images": 5})
+    exs = cfg.load()
+    assert len(exs) == 5 and {e.question for e in exs} == {"Describe the image in detail."}
+    assert read_config("llava15_7b_chair.yaml")["chair_images"] == 500

@@ -20,8 +20,9 @@ from learn2steer.activations import Position, Site, read
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, prompt_rows
+from learn2steer.models.calls import passes_cache
 from learn2steer.models.loading import ModelHandle
-from learn2steer.models.prompts import Batch, build_inputs
+from learn2steer.models.prompts import Batch, bare_prompts, build_inputs
 from learn2steer.steering import FixedVectors, PredictedVectors, VectorProvider, steer
 from learn2steer.vectors import SteeringVector
 
@@ -63,7 +64,7 @@ def generate(handle: ModelHandle, batch: Batch, *, max_new_tokens: int = 64, do_
 
 def _prompt_in_pieces(gen_kwargs: dict[str, Any]) -> bool:
     """Will ``generate`` process the prompt in more than one forward call?"""
-    return gen_kwargs.get("prefill_chunk_size") is not None or gen_kwargs.get("past_key_values") is not None
+    return gen_kwargs.get("prefill_chunk_size") is not None or passes_cache(gen_kwargs)
 
 
 def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvider | None, batch: Batch,
@@ -74,10 +75,16 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
     if isinstance(provider, PredictedVectors):
         ctx = handle.check_layer(provider.context_layer)
         writes = [handle.check_layer(x) for x in provider.steer_layers]
-        if ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
-            # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors
-            site = Site(ctx, cast(Position, provider.read))
-            h = read(handle, batch, [site])[site]
+        if provider.read == "input_last" or ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
+            # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors.
+            # input_last is read the official way: the bare prompt (no generation prompt) in a pass of its own,
+            # which needs no token-prefix match between bare and full prompt (sentencepiece breaks that)
+            if provider.read == "input_last":
+                site = Site(ctx, "prompt_last")
+                h = read(handle, bare_prompts(handle, batch.rows), [site])[site]
+            else:
+                site = Site(ctx, cast(Position, provider.read))
+                h = read(handle, batch, [site])[site]
             with torch.no_grad():
                 dev = provider._device()
                 v = provider.predict(h.to(dev) if dev is not None else h).float().cpu()
@@ -117,8 +124,7 @@ class HFEngine:
                       leave=False):
             chunk = examples[i:i + batch_size]
             provider = cfg.provider_for([e.id for e in chunk])
-            needs_input_last = isinstance(provider, PredictedVectors) and provider.read == "input_last"
-            batch = build_inputs(self.handle, prompt_rows(cfg, chunk), input_last=needs_input_last)
+            batch = build_inputs(self.handle, prompt_rows(cfg, chunk))
             with steering_for(self.handle, cfg, provider, batch, self.gen_kwargs):
                 flat = generate_tokens(self.handle, batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                        **self.gen_kwargs)

@@ -28,7 +28,7 @@ MMSB_SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generatio
                   "10-Legal_Opinion", "11-Financial_Advice", "12-Health_Consultation", "13-Gov_Decision")
 MMSB_QUESTION_FIELDS = ("Question", "Changed Question", "Rephrased Question", "Rephrased Question(SD)")
 MMSB_IMAGES = ("none", "typo", "sd", "sd_typo")
-CHAIR_PROMPT = "Please describe this image in detail."
+CHAIR_PROMPT = "Describe the image in detail."  # the official descriptive prompt (image_text_dataset.py)
 POPE_LABELS = ("yes", "no")
 
 
@@ -45,11 +45,15 @@ class DataOptions:
         "help": "MM-SafetyBench question field (default: Question without images, Rephrased Question with)."})
     tiny: bool = field(default=False, metadata={"help": "MM-SafetyBench: only the official tiny subset (168)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N examples (N >= 1)."})
+    chair_images: int | None = field(default=None, metadata={
+        "help": "CHAIR: a seeded random selection of N images of the folder (the shipped config: 500)."})
+    chair_seed: int = field(default=0, metadata={"help": "CHAIR: the seed of that selection."})
 
     def load(self) -> list[Example]:
         """The examples these options select (validated, never empty)."""
         return load_dataset(self.dataset, image_dir=self.image_dir, mmsb_images=self.mmsb_images,
-                            question_field=self.question_field, tiny=self.tiny, limit=self.limit)
+                            question_field=self.question_field, tiny=self.tiny, limit=self.limit,
+                            chair_images=self.chair_images, chair_seed=self.chair_seed)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -143,7 +147,8 @@ def load_mmsafetybench(root: str | Path, *, question_field: str | None = None, i
                                            "--mmsb-images none")
             if not isinstance(rec.get(qf), str):
                 raise InvalidInputError(f"{f}: question {qid} has no {qf!r} field")
-            out.append(Example(f"{scen}/{qid}", rec[qf], str(img) if img else None, scen))
+            # stripped as the official loader does (two Rephrased Questions end in blank lines)
+            out.append(Example(f"{scen}/{qid}", rec[qf].strip(), str(img) if img else None, scen))
     if not out:
         raise InvalidInputError(f"no MM-SafetyBench questions selected under {qdir}")
     return out
@@ -180,19 +185,37 @@ def load_pope(path: str | Path, *, image_dir: str | Path | None = None, require_
     return out
 
 
-def load_chair_images(image_dir: str | Path, *, prompt: str = CHAIR_PROMPT) -> list[Example]:
-    """CHAIR captioning inputs: one example per COCO image, id = the COCO image id."""
+def chair_selection(names: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` of ``names``, chosen as documented for the CHAIR config: the names sorted, then
+    ``random.Random(seed).sample(sorted_names, n)``, returned sorted. The same folder and seed give the same
+    images on every machine (it depends on the file names only, never on the order ``glob`` lists them in)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidInputError(f"chair_images must be a whole number >= 1, got {n!r}")
+    pool = sorted(names)
+    if n > len(pool):
+        raise InvalidInputError(f"chair_images is {n} but the folder holds only {len(pool)} COCO images")
+    return sorted(random.Random(seed).sample(pool, n))
+
+
+def load_chair_images(image_dir: str | Path, *, prompt: str = CHAIR_PROMPT, n: int | None = None, seed: int = 0
+                      ) -> list[Example]:
+    """CHAIR captioning inputs: one example per COCO image (or a :func:`chair_selection` of ``n``), id = the COCO
+    image id, the question the official descriptive prompt."""
     d = _need(Path(image_dir), "COCO image folder")
     files = sorted(d.glob("COCO_*_*.jpg"))
     if not files:
         raise MissingFileError(f"no COCO_<split>_<id>.jpg images in {d}")
+    if n is not None:
+        keep = set(chair_selection([f.name for f in files], n, seed))
+        files = [f for f in files if f.name in keep]
     out = [Example(str(int(f.stem.rsplit("_", 1)[1])), prompt, str(f), "caption") for f in files]
     check_unique_ids([e.id for e in out], str(d))
     return out
 
 
 def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = "none",
-                 question_field: str | None = None, tiny: bool = False, limit: int | None = None) -> list[Example]:
+                 question_field: str | None = None, tiny: bool = False, limit: int | None = None,
+                 chair_images: int | None = None, chair_seed: int = 0) -> list[Example]:
     """Parse a dataset spec: ``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` | ``chair:IMAGE_DIR``."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidInputError(f"--limit must be a whole number >= 1 (or left out for all examples), got {limit!r}")
@@ -207,7 +230,7 @@ def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = 
     elif kind == "pope" and arg:
         out = load_pope(arg, image_dir=image_dir)
     elif kind == "chair" and arg:
-        out = load_chair_images(arg)
+        out = load_chair_images(arg, n=chair_images, seed=chair_seed)
     else:
         raise InvalidInputError(f"unknown dataset {spec!r}; use demo, jsonl:FILE, mmsb:ROOT, pope:FILE or "
                                 "chair:IMAGE_DIR")

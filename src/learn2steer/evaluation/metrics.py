@@ -1,11 +1,16 @@
 """Metrics with their reference definitions (fractions, not percentages), as pure functions.
 
-* Safety: the paper's E_{p>=t}[Unsafe] (``unsafe_score``) and ED-score (``ed_score``), exactly as the
-  official code computes them (``src/metrics/safety_metrics.py`` of jayneelparekh/learn-to-steer).
+* Safety: the paper's E_{p>=t}[Unsafe] (``unsafe_score``) and ED-score (``ed_score``) with the formulas and
+  phrase list of the official code (``src/metrics/safety_metrics.py`` of jayneelparekh/learn-to-steer). Which
+  responses they are computed over is chosen in ``tasks.safety_rows`` (the official script counts rows by
+  position; that rule is reproduced there).
 * POPE: the POPE benchmark's own answer rule and formulas (RUCAIBox/POPE ``evaluate.py``); the L2S
   paper's "ground truth in the first 15 characters" accuracy is reported beside it, named as such.
 * CHAIR: CHAIR_s / CHAIR_i (Rohrbach et al.) and recall (the common Maxlinn/OPERA fork), using the
-  synonym, double-word and inverse-synonym tables stored in the ground-truth file itself.
+  synonym, double-word and inverse-synonym tables stored in the ground-truth file itself. Words are split
+  by a regular expression and singularised by hand-written rules (:func:`lemma`), not by the reference's
+  NLTK tokenizer and WordNet lemmatizer (their data cannot be installed from PyPI), so a caption's object
+  list can differ from the reference's on rare plurals and hyphenated words.
 """
 
 from __future__ import annotations
@@ -149,7 +154,8 @@ _IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "pe
 
 
 def lemma(word: str) -> str:
-    """A noun lemma close to WordNet's (which built the shared ground truth): irregulars, then suffix rules."""
+    """A noun lemma by hand-written rules (irregular plurals, then suffixes): an approximation of WordNet's
+    lemmatizer, which the reference CHAIR uses and which needs NLTK's WordNet data (not on PyPI)."""
     if word in _IRREGULAR:
         return _IRREGULAR[word]
     if len(word) > 4 and word.endswith("ies"):

@@ -35,7 +35,7 @@ from learn2steer.evaluation.datasets import (
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
-from learn2steer.evaluation.tasks import TASKS, Task, make_task
+from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.predictor import TrainConfig
@@ -85,6 +85,10 @@ class EvalConfig(DataOptions):
     judge: str = field(default="keyword", metadata={
         "help": "keyword | llamaguard:PATH (paper mode) | llamaguard-qa:PATH | http://HOST/v1#MODEL"})
     judge_api_key: str | None = field(default=None, metadata={"help": "API key of an HTTP judge."})
+    safety_rule: str = field(default="auto", metadata={
+        "help": "Which responses the safety figures score: auto (paper on MM-SafetyBench's official split, clean on "
+                "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302) | "
+                "clean (scenarios 01-12 / 10-12) | all (every response / the defer groups)."})
     chair_gt: str | None = field(default=None, metadata={"help": "CHAIR ground truth (json or json.gz)."})
     chair_synonyms: str | None = field(default=None, metadata={"help": "CHAIR synonyms.txt (when the ground "
                                                                         "truth has no word tables)."})
@@ -119,6 +123,8 @@ class EvalConfig(DataOptions):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
+        if self.safety_rule not in SAFETY_RULES:
+            raise InvalidInputError(f"safety_rule must be one of {', '.join(SAFETY_RULES)}, got {self.safety_rule!r}")
         if self.task == "chair" and not self.chair_gt:
             raise InvalidInputError("task chair needs --chair-gt (e.g. ../shared/data/chair/coco2014_chair_gt_"
                                     "objects.json.gz)")
@@ -219,7 +225,7 @@ def _configure(cfg: EvalConfig, spec: BehaviourSpec, arts: dict[int, dict[str, S
         layer = cell.layer
         return config_for(cell.method, alpha=cell.alpha, scope=cfg.scope,
                           artifacts=arts.get(layer) if layer is not None else None, extraction=ex, layer=layer,
-                          prompt=spec.prompt, seed=cfg.seed,
+                          prompt=spec.prompt, prompt_placement=spec.prompt_placement, seed=cfg.seed,
                           p2s_scales=(scales or {}).get(layer) if layer is not None else None)
     return configure
 
@@ -274,7 +280,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         spec = load_behaviour(cfg.behaviour or {"safety": "safety"}.get(cfg.task, "hallucination"))
         judge = make_judge(cfg.judge, api_key=cfg.judge_api_key) if cfg.task == "safety" else None
         task = make_task(cfg.task, spec=spec, judge=CachedJudge(judge, out / "judge_cache.jsonl") if judge else None,
-                         chair_gt=cfg.chair_gt, chair_synonyms=cfg.chair_synonyms)
+                         chair_gt=cfg.chair_gt, chair_synonyms=cfg.chair_synonyms, safety_rule=cfg.safety_rule)
         skipped = [m for m in cfg.methods if not task.admits(METHODS[m])]
         methods = [m for m in cfg.methods if m not in skipped]
         if job.is_main:

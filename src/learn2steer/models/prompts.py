@@ -26,6 +26,10 @@ class PromptRow:
     """One conversation turn: the user's text (and image), plus an optional assistant completion.
 
     ``completion`` is teacher-forced text appended after the generation prompt (the T+/T- answers of P2S).
+    ``close_turn``: render the completion as a finished assistant message, followed by whatever the chat
+    template puts after one (``<|im_end|>\n`` in ChatML, a space in LLaVA-1.5's): the official L2S code
+    teacher-forces T+/T- this way and reads the last token of that whole sequence. Without it the
+    assistant turn stays open and the sequence ends with the completion's last token.
     ``system`` is an optional system message (not every chat template supports one).
     """
 
@@ -33,6 +37,7 @@ class PromptRow:
     image: ImageLike | None = None
     system: str | None = None
     completion: str | None = None
+    close_turn: bool = False
 
 
 @dataclass
@@ -121,7 +126,9 @@ def _encode(handle: ModelHandle, row: PromptRow, *, completion: bool, add_genera
         raise InvalidInputError(f"{handle.name or 'the model'} has no chat template; learn2steer renders prompts with "
                          "the model's chat template (set tokenizer.chat_template / processor.chat_template)")
     kwargs: dict[str, Any] = {"tokenize": True, "return_dict": True, "return_tensors": "pt"}
-    if completion:
+    if completion and row.close_turn:
+        kwargs["add_generation_prompt"] = False
+    elif completion:
         kwargs["continue_final_message"] = True
     else:
         kwargs["add_generation_prompt"] = add_generation_prompt
@@ -170,7 +177,10 @@ def input_length(handle: ModelHandle, row: PromptRow, prompt_ids: torch.Tensor) 
     """Tokens of ``row``'s user turn without the generation prompt, checked to be a prefix of ``prompt_ids``.
 
     Causal attention makes the hidden state at that prefix's last token identical inside the full prompt,
-    so a predictor that reads "the last input token" needs no second pass.
+    so a predictor that reads "the last input token" needs no second pass *when* the prefix holds. With
+    sentencepiece templates it often does not (LLaVA-1.5's bare prompt ends in a lone "▁" that the prompt
+    with "ASSISTANT:" merges away); :func:`bare_prompts` is the official read that always works: the
+    bare prompt in a forward pass of its own.
     """
     bare = _encode(handle, row, completion=False, add_generation_prompt=False)["input_ids"][0]
     n = int(bare.shape[0])
@@ -197,6 +207,20 @@ def build_inputs(handle: ModelHandle, rows: Sequence[PromptRow], *, add_generati
             [p + input_length(handle, r, e["input_ids"][0]) - 1 for p, r, (e, _, _) in zip(pads, rows, enc)],
             dtype=torch.long)
     return batch.to(device if device is not None else handle.device)
+
+
+def bare_prompts(handle: ModelHandle, rows: Sequence[PromptRow], *, device: torch.device | str | None = None
+                 ) -> Batch:
+    """The rows' user turns *without* the generation prompt, as a batch of their own (``prompt_last`` is
+    each row's last input token).
+
+    This is how the official L2S safety code reads its context representation (``save_features.py``: the
+    prompt rendered with ``add_generation_prompt=False`` in a separate forward pass), and it needs no
+    token-prefix match between the bare and the full prompt, which sentencepiece tokenizers break.
+    Completions are dropped: the context is the input alone.
+    """
+    plain = [PromptRow(r.text, r.image, r.system) for r in rows]
+    return build_inputs(handle, plain, add_generation_prompt=False, device=device)
 
 
 def uses_own_position_ids(handle: ModelHandle) -> bool:
