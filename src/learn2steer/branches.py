@@ -15,6 +15,7 @@ branched: :func:`can_branch` says so and callers fall back to full sequences.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -51,6 +52,22 @@ def _prompt_of(group: Sequence[PromptRow]) -> PromptRow:
         if row.close_turn != first.close_turn:
             raise InvalidInputError("read_branches needs the rows of a group to close (or leave open) the turn alike")
     return PromptRow(first.text, first.image, first.system)
+
+
+def _continuation(handle: ModelHandle, row: PromptRow, *, check: bool) -> torch.Tensor:
+    """The tokens a row adds after its prompt. Rendered without the image: image preprocessing is the
+    dearest part of encoding, and the tokens after the prompt do not depend on it (the image placeholder
+    is a special token that ends every merge before it). ``check``: compare with the rendering with the
+    image once, so a template for which that does not hold fails loudly instead of reading wrong tokens."""
+    bare = dataclasses.replace(row, image=None)
+    full, n_prompt, _ = encode_row(handle, bare)  # checks that the prompt is a token prefix of the full row
+    cont = full["input_ids"][0, n_prompt:]
+    if check and row.image is not None:
+        with_image, n_img, _ = encode_row(handle, row)
+        if not torch.equal(with_image["input_ids"][0, n_img:], cont):
+            raise InvalidInputError(f"the chat template of {handle.name or 'the model'} renders the answer "
+                                    "differently with and without an image; read these rows as full sequences")
+    return cont
 
 
 def _hooks(handle: ModelHandle, layers: Sequence[int], take: Callable[[int, torch.Tensor], None]) -> list:
@@ -97,13 +114,10 @@ def read_branches(handle: ModelHandle, groups: Sequence[Sequence[PromptRow]], la
     layers = [handle.check_layer(x) for x in layers]
     context_layers = [handle.check_layer(x) for x in context_layers]
     prompts, conts = [], []
-    for g in groups:
-        prompt_enc, n_prompt, _ = encode_row(handle, _prompt_of(g))
-        prompts.append(prompt_enc)
-        for row in g:
-            full, n_p, _ = encode_row(handle, row)  # checks that the prompt is a token prefix of the full row
-            assert n_p == n_prompt
-            conts.append(full["input_ids"][0, n_prompt:])
+    for i, g in enumerate(groups):
+        prompts.append(encode_row(handle, _prompt_of(g))[0])
+        for j, row in enumerate(g):
+            conts.append(_continuation(handle, row, check=i == j == 0))
     device = handle.device
     inputs, pads = collate(handle, prompts)
     inputs = {key: v.to(device) for key, v in inputs.items()}
