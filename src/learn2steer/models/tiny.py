@@ -3,18 +3,26 @@
 They exist so that every code path (text LLM, LLaVA, Qwen2-VL) can be tested and demonstrated without
 downloading weights. Their outputs mean nothing; their shapes, templates and image-token handling are
 those of the real architectures. The tokenizer is a byte-level BPE trained in-process on a small corpus.
+
+:func:`save_tiny` writes one as a checkpoint folder that both :func:`~learn2steer.models.loading.load_model`
+and vLLM load (vLLM's CPU attention needs head sizes of at least 32, hence its default width of 128).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
 
 from learn2steer.models.loading import ModelHandle, image_only, make_handle
 
-Arch = Literal["llama", "llava", "qwen2_vl"]
+Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3", "llava", "qwen2_vl"]
+TEXT_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+ARCHS: tuple[str, ...] = (*TEXT_ARCHS, "llava", "qwen2_vl")
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>", "<|image_pad|>",
                   "<|vision_end|>", "<|video_pad|>"]
@@ -28,7 +36,8 @@ _CORPUS = (
     "on a street next to a bus and a traffic light , with people walking . you are a helpful assistant ."
 )
 
-_IMAGE_MARK = {"llama": "", "llava": "<image>\n", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+_IMAGE_MARK = {**{a: "" for a in TEXT_ARCHS}, "llava": "<image>\n",
+               "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
 
 def chat_template(arch: Arch) -> str:
@@ -69,7 +78,7 @@ def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
 
 
 def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> ModelHandle:
+               dtype: torch.dtype = torch.float32, max_positions: int = 512) -> ModelHandle:
     """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,7 +86,7 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
     vocab = len(tok)
     text_kw: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                                    num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                                   max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                                    tie_word_embeddings=False, initializer_range=0.2)
     torch.manual_seed(seed)
@@ -88,6 +97,9 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
     if arch == "llama":
         model = cast(Any, LlamaForCausalLM(LlamaConfig(**text_kw))).to(dtype)
         return make_handle(model, tok, name="tiny-llama")
+    if arch in TEXT_ARCHS:
+        model = cast(Any, _text_model(arch, text_kw)).to(dtype)
+        return make_handle(model, tok, name=f"tiny-{arch}")
     if arch == "llava":
         from transformers import (
             CLIPImageProcessorPil,
@@ -136,7 +148,73 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
         proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=chat_template(arch))
         return make_handle(model, tok, proc, name="tiny-qwen2-vl")
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose llama, llava or qwen2_vl")
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def _text_model(arch: str, text_kw: dict[str, Any]) -> Any:
+    """A causal LM of one of the other text families (same widths; each family's own quirks made explicit)."""
+    import transformers
+
+    head_dim = text_kw["hidden_size"] // text_kw["num_attention_heads"]
+    if arch == "mistral":
+        cfg: Any = transformers.MistralConfig(**text_kw, sliding_window=None)
+        return transformers.MistralForCausalLM(cfg)
+    if arch == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**text_kw))
+    if arch == "qwen3":  # Qwen3's head_dim defaults to 128 whatever the width
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**text_kw, head_dim=head_dim))
+    # gemma3: head_dim and the query scale default to 256; the embeddings are tied, as in the real models
+    cfg = transformers.Gemma3TextConfig(**{**text_kw, "tie_word_embeddings": True}, head_dim=head_dim,
+                                        query_pre_attn_scalar=head_dim)
+    return transformers.Gemma3ForCausalLM(cfg)
+
+
+def save_tiny(arch: Arch, folder: str | os.PathLike[str], *, hidden_size: int = 128, num_layers: int = 4,
+              seed: int = 0, dtype: torch.dtype = torch.float32, max_positions: int = 2048) -> Path:
+    """Write a tiny random ``arch`` as a checkpoint folder that :func:`load_model` and vLLM both load.
+
+    The default width gives 4 heads of 32 dimensions (vLLM's CPU attention takes head sizes 32..512).
+    Two things ``save_pretrained`` alone does not give vLLM are added: LLaVA's CLIP tower is stored under
+    ``vision_tower.vision_model.*`` (the layout of the released LLaVA-1.5 checkpoints, which transformers
+    also reads), and a Qwen2-VL folder gets a ``video_preprocessor_config.json`` (vLLM builds the full
+    processor, video part included). ``max_positions`` is 2048, the offline vLLM engine's default context.
+    Returns the folder.
+    """
+    out = Path(folder)
+    h = tiny_model(arch, hidden_size=hidden_size, num_layers=num_layers, seed=seed, dtype=dtype,
+                   max_positions=max_positions)
+    model: Any = h.model  # a transformers PreTrainedModel
+    model.config._name_or_path = f"tiny-{arch}"
+    model.save_pretrained(out)
+    (h.processor if h.processor is not None else h.tokenizer).save_pretrained(out)
+    if arch == "llava":
+        _clip_tower_as_released(out)
+    if arch == "qwen2_vl":
+        _write_video_config(out, h.processor.image_processor)
+    return out
+
+
+def _clip_tower_as_released(folder: Path) -> None:
+    """Rename ``vision_tower.X`` to ``vision_tower.vision_model.X`` (some transformers versions drop the level)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    renamed = {}
+    for key, value in tensors.items():
+        head, sep, rest = key.partition("vision_tower.")
+        if sep and not rest.startswith("vision_model."):
+            key = f"{head}vision_tower.vision_model.{rest}"
+        renamed[key] = value
+    if list(renamed) != list(tensors):
+        save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def _write_video_config(folder: Path, image_processor: Any) -> None:
+    """The video processor's settings: the image processor's (Qwen2-VL's video and image paths share them)."""
+    cfg = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    cfg["video_processor_type"] = "Qwen2VLVideoProcessor"
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _mrope_section(head_dim: int) -> list[int]:
