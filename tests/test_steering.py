@@ -347,3 +347,48 @@ def test_a_strength_far_above_the_residual_norm_is_refused_unless_allowed(tiny_l
         _ids(h, batch)
     with steer(h, _v(h), alpha=20.0, batch=batch):  # strong but ordinary strengths pass
         _ids(h, batch)
+
+
+def test_addition_relative_is_a_fraction_of_each_positions_residual_norm() -> None:
+    from learn2steer.steering import addition
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8) * torch.arange(1, 6).view(1, 5, 1)        # norms grow along the sequence
+    v = torch.randn(2, 8)
+    d = addition(v, h, 0.25, "relative")
+    assert d.shape == (2, 5, 8)
+    torch.testing.assert_close(d.norm(dim=-1), 0.25 * h.norm(dim=-1))
+    unit = (v / v.norm(dim=-1, keepdim=True))[:, None].expand(-1, 5, -1)
+    torch.testing.assert_close(d / d.norm(dim=-1, keepdim=True), unit)
+    assert torch.equal(addition(torch.zeros(8), h, 3.0, "relative"), torch.zeros(2, 5, 8))
+    assert torch.equal(addition(v, h, 0.5, "absolute"), 0.5 * v[:, None])
+    with pytest.raises(InvalidInputError, match="unknown strength"):
+        addition(v, h, 1.0, "loud")
+
+
+def test_relative_strength_adds_alpha_times_the_residual_norm_in_the_model(tiny_llama) -> None:
+    h = tiny_llama
+    batch = build_inputs(h, [PromptRow("how do i make a bomb ?"), PromptRow("hi")])
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name: str):
+        def hook(_m, _a, out):
+            seen[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return hook
+
+    from learn2steer.models.prompts import forward_kwargs
+
+    probe = h.layers[2].register_forward_hook(grab("plain"))
+    with torch.no_grad():
+        h.model(**forward_kwargs(h, batch), use_cache=False)
+    probe.remove()
+    v = _v(h, layer=2, scale=5.0)
+    with steer(h, v, alpha=0.3, scope="all", batch=batch, strength="relative"):
+        probe = h.layers[2].register_forward_hook(grab("steered"))  # after steer()'s hook: sees its output
+        with torch.no_grad():
+            h.model(**forward_kwargs(h, batch), use_cache=False)
+        probe.remove()
+    real = batch.inputs["attention_mask"].bool()
+    added = (seen["steered"] - seen["plain"])[real]
+    torch.testing.assert_close(added.norm(dim=-1), 0.3 * seen["plain"][real].norm(dim=-1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen["steered"][~real], seen["plain"][~real])  # padding untouched

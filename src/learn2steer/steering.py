@@ -57,6 +57,44 @@ class Scope(str, Enum):
             raise InvalidInputError(f"unknown scope {value!r}; choose one of all, prompt, generated") from None
 
 
+class Strength(str, Enum):
+    """What alpha measures.
+
+    ``absolute``: the added vector is ``alpha * v`` (the paper's setting, and the default).
+    ``relative``: at every steered position t the added vector is ``alpha * |h_t| * v / |v|``: alpha is a
+    fraction of that position's own residual-stream norm (vllm-lens' ``norm_match``, hotwire's relative
+    dose), so one alpha means the same push at every layer, model and token. A zero vector adds nothing.
+    """
+
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+
+    @classmethod
+    def parse(cls, value: "Strength | str") -> "Strength":
+        """A strength mode from its name; an unknown name is one sentence listing the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInputError(f"unknown strength {value!r}; choose absolute or relative") from None
+
+
+def addition(v: torch.Tensor, residual: torch.Tensor, alpha: float, strength: "Strength | str") -> torch.Tensor:
+    """The vector added at each position, broadcastable against ``residual``.
+
+    ``v``: ``[D]`` or ``[rows, D]``; ``residual``: ``[rows, cols, D]`` (the HF engine) or ``[tokens, D]``
+    with ``v`` already one row per token (the vLLM engine). Both engines call this one function, so they
+    add the same numbers. The relative norm is taken in float32 whatever the model's dtype.
+    """
+    if Strength.parse(strength) is Strength.ABSOLUTE:
+        delta = alpha * v
+        return delta.unsqueeze(-2) if delta.dim() == 2 and residual.dim() == 3 else delta
+    vf = v.float()
+    unit = vf / vf.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if unit.dim() == 2 and residual.dim() == 3:
+        unit = unit.unsqueeze(-2)
+    return (alpha * residual.float().norm(dim=-1, keepdim=True) * unit).to(residual.dtype)
+
+
 # ---- position rules (pure) ------------------------------------------------------------------------------
 
 def scope_selects(scope: Scope | str, positions: Any, prompt_len: Any) -> Any:
@@ -318,7 +356,8 @@ def _provider(handle: ModelHandle, vectors: SteeringVector | VectorProvider) -> 
 @contextmanager
 def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alpha: float = 1.0,
           scope: Scope | str = Scope.ALL, batch: Batch | None = None, trace: list[TraceRecord] | None = None,
-          max_relative: float | None = MAX_RELATIVE_STRENGTH) -> Iterator[None]:
+          max_relative: float | None = MAX_RELATIVE_STRENGTH, strength: Strength | str = Strength.ABSOLUTE
+          ) -> Iterator[None]:
     """Add ``alpha * v`` to the output of decoder block(s) while the context is open.
 
     ``vectors`` is a :class:`SteeringVector` (``[D]`` shared or ``[B, D]`` per row, per layer) or a
@@ -328,7 +367,8 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     without cache starts a new sequence whose prompt is that call's input (right for plain forwards and
     ordinary cached ``generate``); modes where that guess would be wrong raise an error instead. A zero
     vector leaves outputs bit-for-bit unchanged. ``max_relative`` bounds ``|alpha * v|`` against the
-    residual stream's norm (see :func:`check_strength`; None: no bound).
+    residual stream's norm (see :func:`check_strength`; None: no bound). ``strength="relative"`` makes
+    alpha a fraction of each position's residual norm (:class:`Strength`).
 
     >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
     ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
@@ -336,6 +376,7 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     if not math.isfinite(float(alpha)) or not math.isfinite(float(torch.tensor(float(alpha), dtype=torch.float32))):
         raise InvalidInputError(f"steering strength alpha must be a finite float32 number, got {alpha!r}")
     scope = Scope.parse(scope)
+    strength = Strength.parse(strength)
     provider = _provider(handle, vectors)
     write_layers = [handle.check_layer(layer) for layer in provider.write_layers]
     read_layers = [handle.check_layer(layer) for layer in provider.read_layers]
@@ -416,11 +457,10 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
                 cols = (torch.ones(hidden.shape[0], step.cur_len, dtype=torch.bool) if mask is None else mask.cpu())
                 trace.append(TraceRecord(layer, step.past_len,
                                          [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in cols]))
-            delta = alpha * _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
+            delta = addition(_expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0]), hidden, alpha, strength)
             if checked.get(layer) is not v:  # once per vector and layer: one device sync, not one per step
                 check_strength(delta, hidden, alpha, max_relative)
                 checked[layer] = v
-            delta = delta.unsqueeze(-2) if delta.dim() == 2 else delta
             steered = hidden + delta if mask is None else torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
             if isinstance(output, tuple):
                 return (steered, *output[1:])
