@@ -13,7 +13,8 @@ Results go to safetensors shards of a fixed number of examples beside an ``index
 that lists the examples. A shard file is written under a unique temporary name and renamed into place
 when complete, and it records the ids it holds; on resume every shard is verified against the index and
 a missing, truncated or misplaced one is recomputed. Under ``torchrun`` each rank computes every
-``world``-th missing shard; the result is the same files a single process writes.
+``world``-th missing shard; the result is the same files a single process
+writes with as many threads per process (small products split their sums by thread count).
 """
 
 from __future__ import annotations
