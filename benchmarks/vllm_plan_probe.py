@@ -49,11 +49,11 @@ def _generation(extra: dict | None) -> float:
     for step in range(STEPS + 1):
         prefill = step == 0
         runner = _runner(extra, 0 if prefill else PROMPT + step - 1, PROMPT if prefill else 1)
-        plugin._PLAN["current"] = plugin.build_plan(runner)
+        plugin._W.plan = plugin.build_plan(runner)
         hidden, resid = (hidden_p, resid_p) if prefill else (hidden_d, resid_d)
         for layer in range(LAYERS):
             plugin._steer_impl(hidden, resid, layer)
-        plugin._PLAN["current"] = None
+        plugin._W.plan = None
     return time.perf_counter() - t
 
 

@@ -32,7 +32,8 @@ def test_hub_layout_and_round_trip(arts, tiny_llama, tmp_path) -> None:
     for name, art in arts.items():
         d = art.save(tmp_path / name)
         files = {p.name for p in d.iterdir()}
-        assert files == {"config.json", "README.md", "model.safetensors" if name == "l2s" else "vectors.safetensors"}
+        tensors = "model.safetensors" if art.reads_context else "vectors.safetensors"
+        assert files == {"config.json", "README.md", tensors}
         back = SteeringArtifact.load(d, tiny_llama)
         assert back.config() == art.config()
         if art.vector is not None:
@@ -59,7 +60,7 @@ def _tamper(tmp_path: Path, arts, name: str, **changes) -> Path:
 
 
 @pytest.mark.parametrize("name,changes,match", [
-    ("mean", {"kind": "vector"}, "field 'kind' must be 'fixed' or 'l2s'"),
+    ("mean", {"kind": "vector"}, r"field 'kind' must be 'fixed' or a predictor kind \(l2s, cast, \.\.\.\)"),
     ("mean", {"hidden_size": ...}, "lacks the required field 'hidden_size'"),
     ("mean", {"alpha": "1.0"}, "field 'alpha' must be a finite number"),
     ("mean", {"steer_layers": []}, "field 'steer_layers' must be a non-empty list"),

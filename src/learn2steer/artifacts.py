@@ -4,7 +4,8 @@
 
     config.json            what the artifact is and the model it was made for (schema below)
     vectors.safetensors    a fixed steering vector: tensors ``layer.{L}`` of shape [D]      (kind "fixed")
-    model.safetensors      an L2S predictor's state dict                                    (kind "l2s")
+    model.safetensors      a predictor's state dict (kind "l2s", "cast", or any kind registered with
+                           :func:`register_predictor`)
     README.md              a generated model card (behaviour, target model, layers, alpha, data, figures)
 
 The same folder can be pushed to the Hub (:meth:`SteeringArtifact.push_to_hub`) and loaded back from a
@@ -23,7 +24,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -33,8 +34,8 @@ from learn2steer._io import file_sha256, read_json, write_json, write_text_atomi
 from learn2steer._version import __version__
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
-from learn2steer.predictor import Gated, L2SNet
-from learn2steer.steering import PredictedVectors, Scope
+from learn2steer.predictor import Gated, L2SNet, check_finite_weights
+from learn2steer.steering import PredictedVectors, Scope, Strength
 from learn2steer.vectors import SteeringVector
 
 CONFIG = "config.json"
@@ -43,8 +44,52 @@ PREDICTOR = "model.safetensors"
 CARD = "README.md"
 FORMAT = "learn2steer-artifact"
 FORMAT_VERSION = 2
-Kind = Literal["fixed", "l2s"]
+Kind = str  # "fixed", or a registered predictor kind ("l2s", "cast", ...)
 READS = ("prompt_last", "input_last")
+
+
+# ---- predictor kinds: how an input-dependent method stores its network ---------------------------------------
+
+@dataclass(frozen=True)
+class PredictorKind:
+    """An artifact kind whose vector is predicted from the input: how its network is described in
+    ``config.json`` and rebuilt before its tensors are loaded. A method module registers one
+    (:func:`register_predictor`); artifacts, engines and the server then handle it like any other.
+
+    ``describe``: the network -> the JSON-able ``predictor`` entry of ``config.json``; ``build``: that entry ->
+    an empty network of the right shape (``load_state_dict`` fills it); ``gated``: the artifact's norm gate
+    applies to its output (L2S).
+    """
+
+    name: str
+    describe: Callable[[torch.nn.Module], dict[str, Any]]
+    build: Callable[[dict[str, Any]], torch.nn.Module]
+    gated: bool = False
+
+
+PREDICTORS: dict[str, PredictorKind] = {}
+
+
+def register_predictor(kind: PredictorKind) -> PredictorKind:
+    """Make an artifact kind loadable and savable (one line in the method's module)."""
+    if kind.name == "fixed":
+        raise ValueError("'fixed' is the kind of fixed vectors, not a predictor kind")
+    PREDICTORS[kind.name] = kind
+    return kind
+
+
+def _l2s_shape(net: torch.nn.Module) -> dict[str, Any]:
+    assert isinstance(net, L2SNet)
+    return {"d_in": net.d_in, "d_out": net.d_out, "hidden": net.hidden}
+
+
+def _l2s_build(cfg: dict[str, Any]) -> torch.nn.Module:
+    if not all(_is_int(cfg.get(k)) and cfg[k] > 0 for k in ("d_in", "d_out", "hidden")):
+        raise IncompatibleArtifactError("the predictor entry needs positive integers d_in, d_out, hidden")
+    return L2SNet(cfg["d_in"], cfg["d_out"], cfg["hidden"])
+
+
+register_predictor(PredictorKind("l2s", describe=_l2s_shape, build=_l2s_build, gated=True))
 
 
 # ---- the config schema ------------------------------------------------------------------------------------
@@ -59,7 +104,7 @@ def _is_number(v: Any) -> bool:
 
 # field -> (check, what a valid value looks like, required)
 _SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    "kind": (lambda v: v in ("fixed", "l2s"), "'fixed' or 'l2s'", True),
+    "kind": (lambda v: v == "fixed" or v in PREDICTORS, "'fixed' or a predictor kind (l2s, cast, ...)", True),
     "method": (lambda v: isinstance(v, str) and bool(v), "a method name", True),
     "model": (lambda v: isinstance(v, str), "a model name", True),
     "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive integer", True),
@@ -71,13 +116,12 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "read_position": (lambda v: isinstance(v, str), "a read position name", False),
     "alpha": (_is_number, "a finite number", False),
     "scope": (lambda v: v in [s.value for s in Scope], "'all', 'prompt' or 'generated'", False),
+    "strength": (lambda v: v in [s.value for s in Strength], "'absolute' or 'relative'", False),
     "gate": (lambda v: _is_number(v) and v >= 0, "a number >= 0", False),
     "behaviour": (lambda v: isinstance(v, dict), "a mapping", False),
     "training": (lambda v: isinstance(v, dict), "a mapping", False),
     "figures": (lambda v: isinstance(v, dict), "a mapping", False),
-    "predictor": (lambda v: isinstance(v, dict) and all(_is_int(v.get(k)) and v[k] > 0
-                                                        for k in ("d_in", "d_out", "hidden")),
-                  "a mapping with positive integers d_in, d_out, hidden", False),
+    "predictor": (lambda v: isinstance(v, dict), "a mapping (the predictor's shape)", False),
     "files": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
               "a mapping file -> sha256", False),
     "version": (lambda v: isinstance(v, str), "a version string", False),
@@ -106,8 +150,8 @@ def validate_config(cfg: Any, where: str) -> dict[str, Any]:
     if cfg.get("format_version", 1) > FORMAT_VERSION:
         warnings.warn(f"{where}: artifact format {cfg['format_version']} is newer than this learn2steer reads "
                       f"({FORMAT_VERSION}); upgrade learn2steer if loading fails", stacklevel=3)
-    if cfg["kind"] == "l2s" and ("predictor" not in cfg or cfg.get("context_layer") is None):
-        raise IncompatibleArtifactError(f"{where}: an l2s artifact's config.json needs 'predictor' and "
+    if cfg["kind"] != "fixed" and ("predictor" not in cfg or cfg.get("context_layer") is None):
+        raise IncompatibleArtifactError(f"{where}: a {cfg['kind']} artifact's config.json needs 'predictor' and "
                                         "'context_layer'")
     return {k: v for k, v in cfg.items() if k in _SCHEMA}
 
@@ -116,8 +160,9 @@ def validate_config(cfg: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class SteeringArtifact:
-    """A fixed steering vector (Mean-S, Mean-S(BA), an imported control vector) or an L2S predictor,
-    with everything needed to apply it: target model shape, layers, default strength and scope."""
+    """A fixed steering vector (Mean-S, Mean-S(BA), an imported control vector) or a predictor that reads
+    the input (L2S, CAST, any registered :class:`PredictorKind`), with everything needed to apply it: target
+    model shape, layers, default strength and scope."""
 
     kind: Kind
     method: str
@@ -126,12 +171,13 @@ class SteeringArtifact:
     num_layers: int
     steer_layers: list[int]
     vector: SteeringVector | None = None
-    predictor: L2SNet | None = None
+    predictor: torch.nn.Module | None = None
     context_layer: int | None = None
     context_read: str = "prompt_last"
     read_position: str = "last"
     alpha: float = 1.0
     scope: str = "all"
+    strength: str = "absolute"
     gate: float = 0.0
     behaviour: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +190,7 @@ class SteeringArtifact:
         if not math.isfinite(float(self.alpha)):
             raise InvalidInputError(f"artifact alpha must be a finite number, got {self.alpha!r}")
         Scope.parse(self.scope)
+        self.strength = Strength.parse(self.strength).value
         if self.context_read not in READS:
             raise InvalidInputError(f"context_read must be one of {READS}, got {self.context_read!r}")
         if self.kind == "fixed":
@@ -158,30 +205,38 @@ class SteeringArtifact:
             if self.vector.hidden_size != self.hidden_size:
                 raise IncompatibleArtifactError(f"the vector has size {self.vector.hidden_size} but hidden_size "
                                                 f"says {self.hidden_size}")
-        elif self.kind == "l2s":
+        elif self.kind in PREDICTORS:
             if self.predictor is None or self.context_layer is None:
-                raise InvalidInputError("an l2s artifact needs a predictor and a context_layer")
+                raise InvalidInputError(f"a {self.kind} artifact needs a predictor and a context_layer")
             self.context_layer = int(self.context_layer) % n if -n <= self.context_layer < n else _bad_layer(
                 self.context_layer, n)
-            if self.predictor.d_out != self.hidden_size or self.predictor.d_in != self.hidden_size:
+            d_in, d_out = getattr(self.predictor, "d_in", None), getattr(self.predictor, "d_out", None)
+            if d_out != self.hidden_size or d_in != self.hidden_size:
                 raise IncompatibleArtifactError(
-                    f"the predictor maps {self.predictor.d_in} -> {self.predictor.d_out} but the model's hidden size "
-                    f"is {self.hidden_size}")
-            self.predictor.check_finite()
+                    f"the predictor maps {d_in} -> {d_out} but the model's hidden size is {self.hidden_size}")
+            check_finite_weights(self.predictor, f"{self.kind} predictor")
             if not math.isfinite(self.gate) or self.gate < 0:
                 raise InvalidInputError(f"gate must be a number >= 0, got {self.gate!r}")
         else:
-            raise InvalidInputError(f"artifact kind must be 'fixed' or 'l2s', got {self.kind!r}")
+            raise InvalidInputError(f"artifact kind must be 'fixed' or one of {', '.join(PREDICTORS)}, "
+                                    f"got {self.kind!r}")
 
     # -- application ---------------------------------------------------------------------------------------
 
+    @property
+    def reads_context(self) -> bool:
+        """The capability engines ask for: the vector is predicted from a hidden state read at
+        ``context_layer`` (so it depends on the prompt), rather than fixed."""
+        return self.kind != "fixed"
+
     def predict_fn(self, *, gated: bool = True) -> torch.nn.Module:
-        """The callable h -> v of an l2s artifact (gated when the artifact has a gate and ``gated``)."""
-        assert self.predictor is not None, "predict_fn() is for l2s artifacts"
-        return Gated(self.predictor, self.gate) if gated and self.gate > 0 else self.predictor
+        """The callable h -> v of a predictor artifact (gated when its kind and the artifact have a gate)."""
+        assert self.predictor is not None, "predict_fn() is for predictor artifacts"
+        gate_applies = PREDICTORS[self.kind].gated and gated and self.gate > 0
+        return Gated(self.predictor, self.gate) if gate_applies else self.predictor
 
     def provider(self, *, gated: bool = True) -> PredictedVectors:
-        """The steering provider of an l2s artifact: read h at L', add g(h) at L*."""
+        """The steering provider of a predictor artifact: read h at L', add g(h) at L*."""
         assert self.context_layer is not None
         return PredictedVectors(self.predict_fn(gated=gated), self.context_layer, tuple(self.steer_layers),
                                 read=self.context_read)
@@ -195,9 +250,10 @@ class SteeringArtifact:
                   "context_read", "read_position", "alpha", "scope", "gate", "behaviour", "training", "figures",
                   "version"):
             cfg[k] = getattr(self, k)
+        if self.strength != Strength.ABSOLUTE.value:  # written only when set: older readers load the rest
+            cfg["strength"] = self.strength
         if self.predictor is not None:
-            cfg["predictor"] = {"d_in": self.predictor.d_in, "d_out": self.predictor.d_out,
-                                "hidden": self.predictor.hidden}
+            cfg["predictor"] = PREDICTORS[self.kind].describe(self.predictor)
         return cfg
 
     def save(self, path: str | Path) -> Path:
@@ -254,7 +310,10 @@ class SteeringArtifact:
             assert pred_cfg is not None
             if "gate" in tensors:  # format 1 stored the gate inside the net
                 gate = gate or float(tensors.pop("gate"))
-            predictor = L2SNet(pred_cfg["d_in"], pred_cfg["d_out"], pred_cfg["hidden"])
+            try:
+                predictor = PREDICTORS[cfg["kind"]].build(pred_cfg)
+            except IncompatibleArtifactError as e:
+                raise IncompatibleArtifactError(f"{where}: {e}") from None
             try:
                 predictor.load_state_dict(tensors)
             except RuntimeError as e:
@@ -348,9 +407,9 @@ def model_card(art: SteeringArtifact) -> str:
                          tags=["steering", "activation-steering", "learn2steer", art.method])
     behaviour = art.behaviour.get("name", "unknown") if art.behaviour else "unknown"
     n = art.training.get("n")
-    what = ("an input-dependent **L2S predictor** (Linear-Tanh-Linear): it reads the hidden state of the "
-            f"prompt's last token at layer {art.context_layer} ({art.context_read}) and predicts the vector to add"
-            if art.kind == "l2s" else "a fixed steering vector added to the residual stream")
+    what = (f"an input-dependent **{art.kind} predictor**: it reads the hidden state of the prompt's last token at "
+            f"layer {art.context_layer} ({art.context_read}) and predicts the vector to add"
+            if art.reads_context else "a fixed steering vector added to the residual stream")
     lines = [
         f"# learn2steer {art.method} artifact: {behaviour}", "",
         f"This is {what} at layer(s) {', '.join(map(str, art.steer_layers))} of `{art.model}` "
@@ -358,7 +417,7 @@ def model_card(art: SteeringArtifact) -> str:
         "| setting | value |", "|---|---|",
         f"| method | `{art.method}` |", f"| behaviour | `{behaviour}` |", f"| target model | `{art.model}` |",
         f"| steering layers L* | {art.steer_layers} |",
-        *([f"| context layer L' | {art.context_layer} ({art.context_read}) |"] if art.kind == "l2s" else []),
+        *([f"| context layer L' | {art.context_layer} ({art.context_read}) |"] if art.reads_context else []),
         f"| default alpha | {art.alpha:g} |", f"| scope | `{art.scope}` |",
         *([f"| norm gate | {art.gate:.4g} |"] if art.gate else []),
         f"| training examples | {n if n is not None else 'not recorded'} |",
@@ -374,7 +433,7 @@ def model_card(art: SteeringArtifact) -> str:
         lines += ["A fixed vector can also be exported for llama.cpp: "
                   "`l2s export THIS_FOLDER --format gguf --out vector.gguf`.", ""]
     else:
-        lines += ["L2S needs to read a hidden state while the model runs, which a static control vector "
+        lines += [f"{art.kind} needs to read a hidden state while the model runs, which a static control vector "
                   "(llama.cpp, repeng) cannot express; serve it with `l2s serve` (vLLM) or the Python API.", ""]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))
     return str(card)

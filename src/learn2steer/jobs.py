@@ -22,7 +22,7 @@ from learn2steer.methods import METHODS, MethodConfig
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.options import as_dict
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Scope
+from learn2steer.steering import Scope, Strength
 from learn2steer.training import save_artifacts, train_artifacts
 from learn2steer.vectors import extract_to, load_extraction
 
@@ -95,6 +95,9 @@ class TrainJob(TrainConfig):
     alpha: float = field(default=1.0, metadata={"help": "Default strength stored in the artifacts."})
     scope: str = field(default="all", metadata={
         "help": "Default scope stored in the artifacts: " + ", ".join(s.value for s in Scope)})
+    strength: str = field(default="absolute", metadata={
+        "help": "What alpha measures, stored in the artifacts: absolute (alpha * v) | relative (a fraction of "
+                "each position's residual norm)."})
 
     def run(self, progress: bool = True) -> str:
         """Train from the extraction, save the artifacts and return a one-line summary."""
@@ -124,6 +127,8 @@ class TrainJob(TrainConfig):
         arts, result = train_artifacts(ex, steer_layer=layer, context_layer=ctx, cfg=cfg, ids=ids,
                                        rescale_group=spec.get("rescale_group") if self.rescale else None,
                                        alpha=self.alpha, scope=self.scope, gate=self.gate, progress=progress)
+        for art in arts.values():
+            art.strength = Strength.parse(self.strength).value
         write_json(out / "settings.json", {"command": "train", "version": __version__, **as_dict(self)})
         paths = save_artifacts(arts, out)
         write_json(out / "training_history.json", result.history)
@@ -151,6 +156,9 @@ class GenerateJob(ModelOptions, DataOptions):
     behaviour: str = field(default="safety", metadata={"help": "Behaviour whose instruction the prompt method uses."})
     alpha: float | None = field(default=None, metadata={"help": "Strength (default: the artifact's)."})
     scope: str | None = field(default=None, metadata={"help": "all | prompt | generated (default: the artifact's)."})
+    strength: str | None = field(default=None, metadata={
+        "help": "absolute | relative: alpha as a fraction of each position's residual norm (default: the "
+                "artifact's)."})
     max_new_tokens: int = field(default=200, metadata={"help": "New tokens per answer."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per batch."})
     engine: str = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
@@ -180,7 +188,7 @@ class GenerateJob(ModelOptions, DataOptions):
             art = SteeringArtifact.load(self.artifact, handle)
             if self.method and self.method not in ("l2s", "l2s_nogate", art.method):
                 raise InvalidInputError(f"--method {self.method} does not apply to a {art.method} artifact")
-            return MethodConfig.from_artifact(art, alpha=self.alpha, scope=self.scope,
+            return MethodConfig.from_artifact(art, alpha=self.alpha, scope=self.scope, strength=self.strength,
                                               gated=self.method != "l2s_nogate")
         m = self.method or "no_steering"
         if m not in METHODS or METHODS[m].steers:

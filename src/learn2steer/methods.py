@@ -19,7 +19,7 @@ from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import PROMPT_PLACEMENTS
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import FixedVectors, Scope, VectorProvider
+from learn2steer.steering import FixedVectors, Scope, Strength, VectorProvider
 from learn2steer.training import p2s_vectors, target_scales
 from learn2steer.vectors import Extraction, SteeringVector, norm_random
 
@@ -70,7 +70,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="L2S without the learned norm gate (the paper's L2S when the artifact has a gate)"),
     Method("p2s", "P2S", "extraction", tuned_as="l2s", summary="each input's own P2S vector (oracle)"),
 )}
-ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)  # the built-in methods (a registered method adds to METHODS)
+
+
+def register_method(m: Method) -> Method:
+    """Add a method to the registry the CLI, the grids and the engines read (one line in the method's module)."""
+    METHODS[m.name] = m
+    return m
 PAPER_METHODS: tuple[str, ...] = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
 
 
@@ -99,12 +105,14 @@ class MethodConfig:
     gated: bool = True
     prompt: str = ""
     prompt_placement: str = "system"   # system message | "user": before the question | "append": after it
+    strength: Strength | str = Strength.ABSOLUTE   # what alpha measures (steering.Strength)
 
     def __post_init__(self) -> None:
         m = method(self.method)
         if not math.isfinite(float(self.alpha)):
             raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
         self.scope = Scope.parse(self.scope)
+        self.strength = Strength.parse(self.strength)
         if m.source == "instruction" and not self.prompt:
             raise InvalidInputError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
         if self.prompt_placement not in PROMPT_PLACEMENTS:
@@ -112,8 +120,8 @@ class MethodConfig:
                                     f"got {self.prompt_placement!r}")
         if not m.steers:
             return
-        if (self.vector is None) == (self.artifact is None or self.artifact.kind != "l2s"):
-            raise InvalidInputError(f"method {self.method!r} needs either a steering vector or an L2S artifact "
+        if (self.vector is None) == (self.artifact is None or not self.artifact.reads_context):
+            raise InvalidInputError(f"method {self.method!r} needs either a steering vector or a predictor artifact "
                                     "(train them with `l2s train`)")
         if self.vector is not None and self.vector.per_row:
             if self.row_ids is None or len(self.row_ids) != self.vector.num_rows:
@@ -131,11 +139,17 @@ class MethodConfig:
 
     @classmethod
     def from_artifact(cls, art: SteeringArtifact, *, alpha: float | None = None, scope: str | None = None,
-                      gated: bool = True) -> "MethodConfig":
+                      gated: bool = True, strength: str | None = None) -> "MethodConfig":
         """Steer with a saved artifact at its stored (or the given) strength and scope."""
-        common: dict[str, Any] = dict(alpha=art.alpha if alpha is None else alpha, scope=scope or art.scope)
+        common: dict[str, Any] = dict(alpha=art.alpha if alpha is None else alpha, scope=scope or art.scope,
+                                      strength=strength or art.strength)
         if art.kind == "l2s":
             return cls(method="l2s" if gated else "l2s_nogate", artifact=art, gated=gated, **common)
+        if art.reads_context:
+            if art.method not in METHODS:
+                raise InvalidInputError(f"artifact method {art.method!r} is not a registered method; import the "
+                                        "module that registers it")
+            return cls(method=art.method, artifact=art, gated=gated, **common)
         name = art.method if art.method in METHODS and METHODS[art.method].source == "artifact" else "mean"
         return cls(method=name, vector=art.vector, **common)
 
@@ -143,7 +157,7 @@ class MethodConfig:
         """The steering provider for a batch of ``example_ids`` (None when the method does not steer)."""
         if not self.steers:
             return None
-        if self.artifact is not None and self.artifact.kind == "l2s":
+        if self.artifact is not None and self.artifact.reads_context:
             return self.artifact.provider(gated=self.gated)
         assert self.vector is not None
         if not self.vector.per_row:
@@ -159,7 +173,8 @@ class MethodConfig:
 def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
                layer: int | None = None, prompt: str = "", seed: int = 0,
-               p2s_scales: Mapping[str, float] | None = None, prompt_placement: str = "system") -> MethodConfig:
+               p2s_scales: Mapping[str, float] | None = None, prompt_placement: str = "system",
+               strength: str = "absolute") -> MethodConfig:
     """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
     for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered.
 
@@ -178,16 +193,17 @@ def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
         art = arts.get(m.artifact or "")
         if art is None:
             raise InvalidInputError(f"method {name!r} needs its trained {m.artifact!r} artifact (run `l2s train`)")
-        if art.kind == "l2s":
-            return MethodConfig(method=name, alpha=alpha, scope=scope, artifact=art, gated=m.gated)
-        return MethodConfig(method=name, alpha=alpha, scope=scope, vector=art.vector)
+        if art.reads_context:
+            return MethodConfig(method=name, alpha=alpha, scope=scope, artifact=art, gated=m.gated, strength=strength)
+        return MethodConfig(method=name, alpha=alpha, scope=scope, vector=art.vector, strength=strength)
     if extraction is None or layer is None:
         raise InvalidInputError(f"method {name!r} needs P2S vectors of the inputs it answers (an extraction) "
                                 "and the steering layer")
     scales = p2s_scales if p2s_scales is not None else target_scales(arts.get("l2s"), layer)
     z = p2s_vectors(extraction, layer, scales)
     vecs = z if name == "p2s" else norm_random(z, seed=seed)
-    return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids))
+    return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids),
+                        strength=strength)
 
 
 def fingerprint(cfg: MethodConfig) -> str:
@@ -206,6 +222,8 @@ def fingerprint(cfg: MethodConfig) -> str:
                         art.context_read if art is not None else None,
                         art.gate if art is not None and cfg.gated else 0.0,
                         cfg.row_ids, cfg.prompt if cfg.method == "prompt" else "", cfg.prompt_placement,
+                        # only a non-default mode enters the hash, so answers computed before it existed still match
+                        *([Strength.parse(cfg.strength).value] if cfg.strength != Strength.ABSOLUTE else []),
                         tensors=tensors)
 
 

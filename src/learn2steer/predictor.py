@@ -68,9 +68,14 @@ class L2SNet(nn.Module):
 
     def check_finite(self) -> None:
         """Refuse NaN / inf weights: they would make every steered answer garbage (or empty)."""
-        bad = [k for k, v in self.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise InvalidInputError(f"the L2S predictor has NaN or inf values in {bad}; retrain it or restore the file")
+        check_finite_weights(self, "L2S predictor")
+
+
+def check_finite_weights(net: nn.Module, what: str) -> None:
+    """Refuse a network with NaN / inf weights or buffers (any predictor kind), naming the tensors."""
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InvalidInputError(f"the {what} has NaN or inf values in {bad}; retrain it or restore the file")
 
 
 class Gated(nn.Module):

@@ -1,4 +1,5 @@
-"""From an extraction to artifacts: the L2S predictor, Mean-S and Mean-S(BA), trained on the same inputs.
+"""From an extraction to artifacts: the L2S predictor, Mean-S and Mean-S(BA), and every method registered with
+:func:`register_trainer` (CAST), trained on the same inputs.
 
 The L2S targets are the P2S vectors, with each contrast group multiplied by one scalar (the official
 code's rescaling: e.g. consultation vectors brought to the mean norm of decline vectors). The scalars
@@ -10,7 +11,7 @@ out, with the final network's own predictions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -19,6 +20,20 @@ from learn2steer.behaviours import ZERO
 from learn2steer.errors import InvalidInputError
 from learn2steer.predictor import TrainConfig, TrainResult, choose_gate, fit
 from learn2steer.vectors import Extraction, SteeringVector, group_scales, mean_vector, rescale_groups
+
+Trainer = Callable[[Extraction, int, int, dict[str, Any]], "SteeringArtifact | None"]
+TRAINERS: dict[str, Trainer] = {}
+
+
+def register_trainer(name: str, trainer: Trainer) -> Trainer:
+    """Train one more artifact ``name`` with every :func:`train_artifacts` call, from the same extraction rows.
+
+    ``trainer(ex, steer_layer, context_layer, common)`` gets the (selected) extraction, the layers, and the
+    fields every artifact of the call shares (model shape, layers, alpha, scope, behaviour); it returns the
+    artifact, or None when the data do not support the method (e.g. CAST without inputs to leave alone).
+    """
+    TRAINERS[name] = trainer
+    return trainer
 
 
 def l2s_targets(ex: Extraction, layer: int, rescale_group: str | None
@@ -79,6 +94,10 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
         arts["mean_ba"] = SteeringArtifact(kind="fixed", method="mean_ba",
                                            vector=mean_vector(SteeringVector({steer_layer: ex.z_ba[steer_layer]})),
                                            training=n, **common)
+    for name, trainer in TRAINERS.items():
+        art = trainer(ex, steer_layer, context_layer, {**common, "training": n})
+        if art is not None:
+            arts[name] = art
     return arts, result
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def arts(smol, tmp_path_factory):
-    """Mean-S and L2S (L'=10 <= L*=12) trained on the demo data; an L2S with L'=14 > L*=12 for the refusal checks."""
+    """Mean-S and L2S (L'=10 <= L*=12) trained on the demo data; an L2S with L'=14 > L*=12 (the paper's order)."""
     tmp = tmp_path_factory.mktemp("arts")
     ex = extract(smol, load_behaviour("safety_refusal"), demo_requests()[::5][:40], tmp / "ext", steer_layers=[12],
                  context_layers=[10, 14], progress=False)
@@ -108,9 +109,19 @@ def vllm_trace(path: Path) -> tuple[dict[str, list[int]], list[dict]]:
         r = json.loads(line)
         if "freed" in r:
             freed.append({**r, "freed": _external(r["freed"])})
-        else:
+        elif "request" in r:
             writes[_external(r["request"])] += r["positions"]
     return writes, freed
+
+
+def vllm_reads(path: Path) -> dict[str, list[tuple[int, int]]]:
+    """(layer, absolute position) of each L2S read, per request."""
+    reads: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "read" in r:
+            reads[_external(r["read"])].append((r["layer"], r["position"]))
+    return reads
 
 
 def make_engine(trace: Path, **kw):
@@ -209,17 +220,58 @@ def test_finished_requests_free_their_vectors(arts, eager) -> None:
     assert freed[-1]["stored_now"] == 0
 
 
+def test_l2s_reading_after_writing_and_at_input_last_equals_hf(smol, arts, eager) -> None:
+    """The paper's configuration: L'=14 > L*=12 (a read-only pass first) and the input_last read position."""
+    engine, trace = eager
+    cfgs = {"none": MethodConfig(), "deep": MethodConfig.from_artifact(arts["l2s_deep"]),
+            "input_last": MethodConfig.from_artifact(replace(arts["l2s"], context_read="input_last")),
+            "deep_input_last": MethodConfig.from_artifact(replace(arts["l2s_deep"], context_read="input_last"))}
+    got, ids, order = _mixed(engine, cfgs, EXAMPLES[:3])
+    for n, c in cfgs.items():
+        assert got[n] == hf_tokens(smol, c, EXAMPLES[:3]), n
+    assert got["deep"] != got["none"], "steering changed the answers"
+    # each request read once, at L' and at the position its artifact names
+    reads, writes = vllm_reads(trace), vllm_trace(trace)[0]
+    for rid, (name, i) in zip(ids, order):
+        if name == "none":
+            continue
+        batch = build_inputs(smol, prompt_rows(cfgs[name], [EXAMPLES[i]]), input_last=True)  # one row: no padding
+        assert batch.input_last is not None
+        position = int((batch.input_last if name.endswith("input_last") else batch.prompt_last)[0])
+        layer = 14 if name.startswith("deep") else 10
+        assert reads[rid] == [(layer, position)], (name, reads[rid], position)
+        # scope all: every position the model was fed (the prompt and each generated token but the last)
+        out = next(o for o in engine.last_outputs if o.request_id == rid)
+        fed = len(out.prompt_token_ids) + len(out.outputs[0].token_ids) - 1
+        assert sorted(writes[rid]) == list(range(fed)), name
+    # an L' > L* request never reads the prefix cache (cached blocks of an identical request hold steered KV)
+    again = engine.run(cfgs["deep"], EXAMPLES[:1], max_new_tokens=N_NEW, progress=False)[0]
+    assert again.num_cached_tokens == 0
+    assert _strip_eos(again.outputs[0].token_ids, smol.tokenizer.eos_token_id) == got["deep"][0]
+
+
+def test_input_last_needs_a_prompt_that_ends_with_the_generation_prompt(arts, eager) -> None:
+    engine, _ = eager
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    bare = engine.templates.tokenizer.encode("Hello there, how are you?", add_special_tokens=False)
+    folder = str(replace(arts["l2s"], context_read="input_last").save(engine.workdir / "input_last"))
+    with pytest.raises(Exception, match="does not end with the chat template's generation prompt"):
+        engine.llm.generate([TokensPrompt(prompt_token_ids=bare)],
+                            SamplingParams(max_tokens=2, extra_args={"steer_path": folder}), use_tqdm=False)
+
+
 def test_what_vllm_cannot_apply_is_refused(arts, eager) -> None:
     engine, _ = eager
-    deep = MethodConfig.from_artifact(arts["l2s_deep"])
-    with pytest.raises(Exception, match="L' > L"):
-        engine.run(deep, EXAMPLES[:1], max_new_tokens=2, progress=False)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=engine.token_ids(MethodConfig(), EXAMPLES[:1])[0])
     for extra, match in [({"steer_path": "/nowhere"}, "not an artifact folder"),
                          ({"steer_path": arts["dirs"]["mean"], "alpha": float("nan")}, "finite"),
+                         ({"steer_path": arts["dirs"]["mean"], "alpha": 1e308}, "finite"),
+                         ({"steer_path": arts["dirs"]["mean"], "alpha": 101.0}, "at most 100"),
                          ({"steer_path": arts["dirs"]["mean"], "scope": "everything"}, "scope"),
                          ({"steer": "nothing"}, "unknown steering artifact")]:
         with pytest.raises(Exception, match=match):
@@ -274,9 +326,10 @@ def _check_preemption(smol, arts, engine, tmp_path) -> None:
 
 
 def test_compiled_mode_steers_too(smol, arts, tmp_path) -> None:
-    """torch.compile (vLLM's default on CPU) silently drops Python hooks; the plugin's op runs compiled."""
+    """torch.compile (vLLM's default on CPU) silently drops Python hooks; the plugin's op runs compiled, and the
+    read pass of L' > L* (stopped by an exception from the op) works through the compiled graph too."""
     cfgs = {"none": MethodConfig(), "mean": MethodConfig.from_artifact(arts["mean"]),
-            "l2s": MethodConfig.from_artifact(arts["l2s"])}
+            "l2s": MethodConfig.from_artifact(arts["l2s"]), "deep": MethodConfig.from_artifact(arts["l2s_deep"])}
     with make_engine(tmp_path / "t.jsonl", enforce_eager=False) as engine:
         got, _, _ = _mixed(engine, cfgs, EXAMPLES[:3])
     for n, c in cfgs.items():
@@ -318,26 +371,37 @@ def test_http_server(smol, arts, tmp_path) -> None:
             pytest.fail("server did not start: " + (tmp_path / "server.log").read_text()[-3000:])
         ex = EXAMPLES[1]
 
-        def chat(xargs: dict | None) -> tuple[int, dict]:
+        def chat(xargs: dict | None, **more) -> tuple[int, dict]:
             body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": ex.question}],
-                    "max_tokens": N_NEW, "temperature": 0}
+                    "max_tokens": N_NEW, "temperature": 0, **more}
             if xargs is not None:
                 body["vllm_xargs"] = xargs
             return _post(base + "/v1/chat/completions", body)
 
         tok = smol.tokenizer
-        for xargs, cfg in [(None, MethodConfig()), ({"steer": "safety", "alpha": 1.0}, MethodConfig.from_artifact(
-                arts["l2s"])), ({"steer": "mean"}, MethodConfig.from_artifact(arts["mean"]))]:
+        answers = {}
+        for name, xargs, cfg in [("none", None, MethodConfig()), ("l2s", {"steer": "safety", "alpha": 1.0},
+                                 MethodConfig.from_artifact(arts["l2s"])),
+                                 ("mean", {"steer": "mean"}, MethodConfig.from_artifact(arts["mean"]))]:
             status, body = chat(xargs)
             assert status == 200, body
             want = tok.decode(hf_tokens(smol, cfg, [ex])[0], skip_special_tokens=True).strip()
-            assert body["choices"][0]["message"]["content"].strip() == want, xargs
+            answers[name] = body["choices"][0]["message"]["content"].strip()
+            assert answers[name] == want, xargs
         for xargs, match in [({"steer": "nope"}, "unknown steering artifact"), ({"steer": "safety", "scope": "x"},
                              "scope"), ({"steer": "safety", "alpha": "high"}, "finite"),
+                             ({"steer": "mean", "alpha": 1e308}, "finite number (in float32)"),
+                             ({"steer": "mean", "alpha": 1e30}, "at most 100"),
                              ({"steer_path": arts["dirs"]["l2s"]}, "only steers with its named")]:
             status, body = chat(xargs)
             assert status == 400 and match in json.dumps(body), (xargs, body)
-        assert chat(None)[0] == 200, "the server survived every bad request"
+        status, body = chat({"steer": "mean"}, use_beam_search=True, n=2)
+        assert status == 400 and "beam search" in json.dumps(body), body
+        assert chat(None, use_beam_search=True, n=2)[0] == 200, "unsteered beam search is vLLM's own"
+        # the server survived every bad request, and nothing of them stayed in shared state (KV blocks)
+        for name, xargs in (("none", None), ("mean", {"steer": "mean"}), ("none", None)):
+            status, body = chat(xargs)
+            assert status == 200 and body["choices"][0]["message"]["content"].strip() == answers[name], name
         try:
             from openai import OpenAI
         except ImportError:
@@ -361,8 +425,10 @@ def test_serve_refuses_artifacts_it_cannot_apply(arts, capsys) -> None:
     from learn2steer.engines.vllm.server import ServeJob
     from learn2steer.errors import InvalidInputError
 
-    with pytest.raises(InvalidInputError, match="L' > L"):
-        ServeJob(artifact=[f"deep={arts['dirs']['l2s_deep']}"]).command()
+    argv, env = ServeJob(artifact=[f"deep={arts['dirs']['l2s_deep']}"], max_alpha=5).command()  # L' > L*: served
+    assert env["L2S_VLLM_MAX_ALPHA"] == "5.0"
+    with pytest.raises(InvalidInputError, match="maximum alpha"):
+        ServeJob(artifact=[f"deep={arts['dirs']['l2s_deep']}"], max_alpha=float("inf")).command()
     with pytest.raises(InvalidInputError, match="NAME=DIR"):
         ServeJob(artifact=["oops"]).command()
     with pytest.raises(InvalidInputError, match="chunked prefill"):

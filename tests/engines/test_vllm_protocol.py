@@ -6,6 +6,7 @@ These run in the core environment; the engine itself is tested in ``test_vllm.py
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -51,6 +52,10 @@ def test_named_artifact_takes_its_defaults_and_overrides(registry) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     ({"steer": "nope"}, "unknown steering artifact 'nope'; this server has: l2s, late, mean"),
     ({"steer": "mean", "alpha": math.inf}, "alpha must be a finite number"),
+    ({"steer": "mean", "alpha": 1e308}, "alpha must be a finite number (in float32)"),
+    ({"steer": "mean", "alpha": -1e39}, "alpha must be a finite number (in float32)"),
+    ({"steer": "mean", "alpha": 1e6}, "|alpha| must be at most 100 on this engine, got 1000000.0"),
+    ({"steer": "mean", "alpha": -100.5}, "|alpha| must be at most 100"),
     ({"steer": "mean", "alpha": "1"}, "alpha must be a finite number"),
     ({"steer": "mean", "alpha": True}, "alpha must be a finite number"),
     ({"steer": "mean", "scope": "everywhere"}, "scope must be one of all, prompt, generated"),
@@ -60,18 +65,21 @@ def test_named_artifact_takes_its_defaults_and_overrides(registry) -> None:
     ({"steer": "mean", "gated": 0.5}, "gated must be true or false"),
 ])
 def test_bad_requests_are_one_clear_sentence(registry, args, message) -> None:
-    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(")):
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
         registry.parse(args)
 
 
-def test_what_one_pass_cannot_apply_is_refused(registry) -> None:
+def test_what_the_engine_cannot_apply_is_refused(registry) -> None:
     ok = registry.parse({"steer": "l2s"})
-    assert ok is not None
+    assert ok is not None and not ok.reads_after_writing and ok.read_row(10) == 9
     check_request(ok, LIMITS)
-    late = registry.parse({"steer": "late"})
-    assert late is not None
-    with pytest.raises(InvalidInputError, match=r"L' > L\*"):
-        check_request(late, LIMITS)
+    late = registry.parse({"steer": "late"})  # L'=4 > L*=2: served with a read pass first
+    assert late is not None and late.reads_after_writing
+    check_request(late, LIMITS)
+    back = registry.parse({"steer": "l2s", "l2s_read_back": 3})  # input_last, as the plugin's front end sets it
+    assert back is not None and back.read_row(10) == 6
+    with pytest.raises(InvalidInputError, match="set by the plugin"):
+        registry.parse({"steer": "l2s", "l2s_read_back": -1})
     with pytest.raises(InvalidInputError, match="chunked prefill on"):
         check_request(ok, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True))
     gen = registry.parse({"steer": "l2s", "scope": "generated"})
@@ -109,3 +117,51 @@ def test_prefix_cache_salts(registry) -> None:
     assert salt({"steer": "l2s"}, a) == salt({"steer": "l2s"}, list(a))
     assert salt({"steer": "l2s"}, a) != salt({"steer": "l2s"}, b)
     assert salt({"steer": "l2s"}, a) != salt({"steer": "l2s", "gated": False}, a)
+
+
+def test_alpha_bound_is_an_operator_setting(registry, monkeypatch) -> None:
+    """The default bound (100) admits ordinary strengths; the operator moves it; a bad setting is one sentence."""
+    assert registry.max_alpha == 100.0
+    for alpha in (100, -100, 0.5, 0):
+        req = registry.parse({"steer": "mean", "alpha": alpha})
+        assert req is not None and req.alpha == float(alpha)
+    strict = Registry(registry.names, allow_paths=False, max_alpha=2.0)
+    with pytest.raises(InvalidInputError, match=r"at most 2 on this engine"):
+        strict.parse({"steer": "mean", "alpha": 2.5})
+    monkeypatch.setenv("L2S_VLLM_MAX_ALPHA", "1e4")
+    assert Registry(registry.names).parse({"steer": "mean", "alpha": 5000}) is not None
+    for bad in ("-1", "inf", "lots"):
+        monkeypatch.setenv("L2S_VLLM_MAX_ALPHA", bad)
+        with pytest.raises(InvalidInputError, match="L2S_VLLM_MAX_ALPHA|maximum alpha"):
+            Registry(registry.names)
+
+
+def test_inline_vectors_must_be_finite_in_float32(tmp_path) -> None:
+    reg = Registry({}, allow_paths=True)
+    assert reg.parse({"steer_vector": [1.0] * D, "steer_layers": [3]}) is not None
+    with pytest.raises(InvalidInputError, match=r"finite numbers \(in float32\)"):
+        reg.parse({"steer_vector": [1e39] + [0.0] * (D - 1), "steer_layers": [3]})
+
+
+def test_l2s_salt_tells_images_apart(registry) -> None:
+    """Two images give the same placeholder ids; their content identifiers keep their cached prefixes apart."""
+    req = registry.parse({"steer": "l2s"})
+    assert req is not None
+    ids = [1, 9, 9, 9, 2]
+    assert req.salt(ids, ["img-a"]) != req.salt(ids, ["img-b"])
+    assert req.salt(ids, ["img-a"]) == req.salt(ids, ["img-a"])
+    assert req.salt(ids, ["img-a"]) != req.salt(ids)
+    assert req.salt(ids) == req.salt(ids, ()), "text requests keep their salt"
+
+
+def test_strength_is_a_request_field_with_the_artifacts_default(registry) -> None:
+    req = registry.parse({"steer": "mean"})
+    assert req is not None and req.strength == "absolute"
+    rel = registry.parse({"steer": "mean", "strength": "relative"})
+    assert rel is not None and rel.strength == "relative"
+    assert rel.salt([1, 2]) != req.salt([1, 2]), "relative and absolute additions never share cached blocks"
+    assert req.salt([1, 2]) == registry.parse({"steer": "mean", "strength": "absolute"}).salt([1, 2])
+    for bad in ("loud", 1, None):
+        with pytest.raises(InvalidInputError, match="strength"):
+            registry.parse({"steer": "mean", "strength": bad})
+

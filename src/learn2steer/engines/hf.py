@@ -91,7 +91,7 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
             if not bool(torch.isfinite(v).all()):
                 raise InvalidInputError("the predictor produced NaN or inf steering vectors; check its weights")
             provider = FixedVectors(SteeringVector({layer: v for layer in writes}))
-    return steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch)
+    return steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch, strength=cfg.strength)
 
 
 @dataclass

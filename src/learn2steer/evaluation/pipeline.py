@@ -39,6 +39,7 @@ from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.predictor import TrainConfig
+from learn2steer.steering import Strength
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
 from learn2steer.vectors import Extraction, extract
 
@@ -62,6 +63,9 @@ class EvalConfig(DataOptions):
     context_layer: int | None = field(default=None, metadata={"help": "L' for every L* (default: L' = L*)."})
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "Strengths to sweep."})
     scope: str = field(default="all", metadata={"help": "all | prompt | generated (the paper: all)."})
+    strength: str = field(default="absolute", metadata={
+        "help": "What the alphas measure: absolute (alpha * v, the paper) | relative (a fraction of each "
+                "position's residual-stream norm)."})
     test_fraction: float = field(default=0.5, metadata={"help": "Share of examples held out for the test split."})
     split: str = field(default="auto", metadata={
         "help": "How to split one dataset: category (stratified), image (all questions of an image on one side), "
@@ -113,6 +117,7 @@ class EvalConfig(DataOptions):
             raise InvalidInputError("give at least one steering layer")
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
             raise InvalidInputError(f"alphas must be finite numbers, got {self.alphas}")
+        Strength.parse(self.strength)
         if self.split not in ("auto", "category", "image", "permutation"):
             raise InvalidInputError(f"split must be auto, category, image or permutation, got {self.split!r}")
         if not 0 < self.select_fraction < 1:
@@ -226,6 +231,7 @@ def _configure(cfg: EvalConfig, spec: BehaviourSpec, arts: dict[int, dict[str, S
         return config_for(cell.method, alpha=cell.alpha, scope=cfg.scope,
                           artifacts=arts.get(layer) if layer is not None else None, extraction=ex, layer=layer,
                           prompt=spec.prompt, prompt_placement=spec.prompt_placement, seed=cfg.seed,
+                          strength=cfg.strength,
                           p2s_scales=(scales or {}).get(layer) if layer is not None else None)
     return configure
 

@@ -4,6 +4,12 @@ Prompts are rendered by learn2steer's own chat templating (the token ids the HF 
 engines see the same inputs. Steering travels in each request's ``extra_args``: an artifact folder
 (``steer_path``; in-memory artifacts and vectors are saved once to a work folder) or, for per-input
 methods (P2S, Norm-Rnd), the request's own vector inline.
+
+A request with an image (LLaVA, Qwen2-VL families) goes to vLLM *unexpanded*: the HF engine's ids with the
+run of image tokens the processor expanded collapsed back to the one placeholder, plus the image itself as
+``multi_modal_data``. vLLM expands the placeholder again with its own processor (sending the expanded ids
+would expand them twice). The prompt vLLM then runs, and the length the plugin sees as the prompt, are the
+HF engine's.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, ch
 from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
 from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path, template_handle
-from learn2steer.models.prompts import encode_row
-from learn2steer.steering import FixedVectors, Scope
+from learn2steer.models.prompts import PromptRow, encode_row
+from learn2steer.models.prompts import _load_image as load_image  # the HF engine's image loading (RGB)
+from learn2steer.steering import FixedVectors, Scope, Strength
 
 
 def engine_env(*, allow_paths: bool, artifacts: dict[str, str] | None = None, eager: bool = True) -> dict[str, str]:
@@ -39,7 +46,7 @@ def engine_env(*, allow_paths: bool, artifacts: dict[str, str] | None = None, ea
 
 
 class VLLMEngine:
-    """vLLM's offline ``LLM`` with learn2steer's plugin; greedy; text prompts."""
+    """vLLM's offline ``LLM`` with learn2steer's plugin; greedy; text prompts, and one image per prompt on VLMs."""
 
     name = "vllm"
 
@@ -108,11 +115,21 @@ class VLLMEngine:
     # -- requests ---------------------------------------------------------------------------------------------
 
     def token_ids(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[list[int]]:
-        """Prompt token ids rendered by learn2steer's chat templating: the ids the HF engine uses."""
-        rows = prompt_rows(cfg, examples)
-        if any(r.image is not None for r in rows):
-            raise InvalidInputError("the vLLM engine takes text prompts only; use --engine hf for images")
-        return [encode_row(self.templates, r)[0]["input_ids"][0].tolist() for r in rows]
+        """Prompt token ids rendered by learn2steer's chat templating: the ids the HF engine uses (with images:
+        expanded, as the model runs them)."""
+        return [encode_row(self.templates, r)[0]["input_ids"][0].tolist() for r in prompt_rows(cfg, examples)]
+
+    def prompts(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        """vLLM prompts (``TokensPrompt`` dicts) of ``examples`` under ``cfg``: see :meth:`prompt_of`."""
+        return [self.prompt_of(r) for r in prompt_rows(cfg, examples)]
+
+    def prompt_of(self, row: PromptRow) -> dict[str, Any]:
+        """One row as a vLLM prompt: the HF engine's token ids; with an image, unexpanded plus the image."""
+        ids = encode_row(self.templates, row)[0]["input_ids"][0].tolist()
+        if row.image is None:
+            return {"prompt_token_ids": ids}
+        return {"prompt_token_ids": collapse_image_tokens(ids, image_token_id(self.templates)),
+                "multi_modal_data": {"image": load_image(row.image)}}
 
     def _save(self, art: SteeringArtifact, key: str) -> str:
         if key not in self._saved:
@@ -124,7 +141,9 @@ class VLLMEngine:
         if not cfg.steers:
             return [None] * len(examples)
         common: dict[str, Any] = {"alpha": float(cfg.alpha), "scope": Scope.parse(cfg.scope).value}
-        if cfg.artifact is not None and cfg.artifact.kind == "l2s":
+        if Strength.parse(cfg.strength) is not Strength.ABSOLUTE:
+            common["strength"] = Strength.parse(cfg.strength).value
+        if cfg.artifact is not None and cfg.artifact.reads_context:
             path = self._save(cfg.artifact, fingerprint(cfg))
             return [{"steer_path": path, "gated": cfg.gated, **common} for _ in examples]
         vec = cfg.vector
@@ -149,11 +168,11 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids = self.token_ids(cfg, examples)
+        prompts = self.prompts(cfg, examples)
         extras = self.extra_args(cfg, examples)
-        return [(TokensPrompt(prompt_token_ids=t), SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                                                  n=num_return_sequences, extra_args=x, **sampling))
-                for t, x in zip(ids, extras)]
+        return [(TokensPrompt(**p), SamplingParams(temperature=0.0, max_tokens=max_new_tokens, n=num_return_sequences,
+                                                   extra_args=x, **sampling))
+                for p, x in zip(prompts, extras)]
 
     def generate(self, requests: Sequence[tuple[Any, Any]], *, progress: bool = False) -> list[Any]:
         """Run prepared requests in one engine call; vLLM's RequestOutputs in order."""
@@ -163,13 +182,56 @@ class VLLMEngine:
 
     def run(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int,
             num_return_sequences: int = 1, progress: bool = True) -> list[Any]:
-        """vLLM's RequestOutputs of ``examples`` under ``cfg`` (greedy), in order."""
-        return self.generate(self.requests(cfg, examples, max_new_tokens=max_new_tokens,
+        """vLLM's RequestOutputs of ``examples`` under ``cfg`` (greedy), in order.
+
+        A request the plugin had to fail (its addition would not have been finite: a NaN prediction, an
+        overflowing alpha * v) is an error here, not a silently truncated answer."""
+        outs = self.generate(self.requests(cfg, examples, max_new_tokens=max_new_tokens,
                                            num_return_sequences=num_return_sequences), progress=progress)
+        failed = [e.id for e, o in zip(examples, outs) if any(c.finish_reason == "error" for c in o.outputs)]
+        if failed:
+            raise InvalidInputError(f"the engine failed {len(failed)} steered request(s) ({', '.join(failed[:3])}): "
+                                    "the steering addition was not finite (see the engine log); use a smaller "
+                                    "alpha or check the artifact")
+        return outs
 
     def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
                num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
-        """All examples go to vLLM at once (it batches continuously); ``batch_size`` does not apply."""
+        """All examples go to vLLM at once (it batches continuously); ``batch_size`` does not apply.
+
+        The answers are the token ids decoded as the HF engine decodes them (vLLM's streaming detokenizer
+        holds back a trailing incomplete UTF-8 sequence that a whole-sequence decode shows as U+FFFD), so
+        equal tokens are equal text."""
         outs = self.run(cfg, examples, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                         progress=progress)
-        return [[o.text.strip() for o in out.outputs] for out in outs]
+        tok = self.templates.tokenizer
+        return [[tok.decode(list(o.token_ids), skip_special_tokens=True).strip() for o in out.outputs] for out in outs]
+
+
+def image_token_id(handle: Any) -> int:
+    """The token an image placeholder expands into (``<image>`` for LLaVA, ``<|image_pad|>`` for Qwen2-VL)."""
+    proc = handle.processor
+    if proc is None or not hasattr(proc, "image_processor"):
+        raise InvalidInputError(f"{handle.name or 'the model'} is a text-only model; it takes no images")
+    tid = getattr(proc, "image_token_id", None)
+    if tid is None and getattr(proc, "image_token", None) is not None:
+        tid = handle.tokenizer.convert_tokens_to_ids(proc.image_token)
+    if not isinstance(tid, int) or tid == handle.tokenizer.unk_token_id:
+        raise InvalidInputError(f"the processor of {handle.name or 'the model'} names no image token; the vLLM engine "
+                                "cannot send its image prompts (use --engine hf)")
+    return tid
+
+
+def collapse_image_tokens(ids: Sequence[int], image_token: int, images: int = 1) -> list[int]:
+    """``ids`` with each run of ``image_token`` (one expanded image) reduced to a single placeholder token."""
+    out: list[int] = []
+    runs = 0
+    for t in ids:
+        if t == image_token and out and out[-1] == image_token:
+            continue
+        runs += t == image_token
+        out.append(t)
+    if runs != images:
+        raise InvalidInputError(f"expected {images} image in the rendered prompt, found {runs} runs of image tokens "
+                                "(does the text itself contain the image placeholder?)")
+    return out

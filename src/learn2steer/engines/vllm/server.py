@@ -3,7 +3,8 @@
 The artifacts are checked against the model before the server starts (shape, and what vLLM can apply
 in one pass); then vLLM's own server runs in this process (``python -m vllm.entrypoints.openai.api_server``,
 which works where the ``vllm`` console script of the CPU build does not). A request chooses steering with
-``"vllm_xargs": {"steer": "NAME", "alpha": 1.0, "scope": "all"}``; a bad choice is an HTTP 400.
+``"vllm_xargs": {"steer": "NAME", "alpha": 1.0, "scope": "all"}``; a bad choice (also ``|alpha|`` above
+``--max-alpha``) is an HTTP 400.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.engines.vllm.offline import engine_env
-from learn2steer.engines.vllm.protocol import EngineLimits, Registry, check_plugin_installed, check_request
+from learn2steer.engines.vllm.protocol import (
+    DEFAULT_MAX_ALPHA,
+    ENV_MAX_ALPHA,
+    EngineLimits,
+    Registry,
+    check_max_alpha,
+    check_plugin_installed,
+    check_request,
+)
 from learn2steer.errors import InvalidInputError
 from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path
 
@@ -36,6 +45,9 @@ class ServeJob:
         "help": "Split long prompts over steps (then L2S requests must use scope 'generated')."})
     enforce_eager: bool = field(default=False, metadata={
         "help": "No torch.compile (faster start; the plugin works either way; forced on CUDA)."})
+    max_alpha: float = field(default=DEFAULT_MAX_ALPHA, metadata={
+        "help": "Largest |alpha| a request may ask for (larger is an HTTP 400): a bound on how far one request "
+                "may push the residual stream."})
     served_model_name: str | None = field(default=None, metadata={"help": "Model name clients send (default: the "
                                                                           "model's name)."})
     vllm_args: list[str] = field(default_factory=list, metadata={
@@ -60,7 +72,7 @@ class ServeJob:
         arts = self.artifacts()
         name, hidden, layers = model_shape(self.model)
         limits = EngineLimits(hidden_size=hidden, num_layers=layers, chunked_prefill=self.chunked_prefill)
-        reg = Registry(arts, allow_paths=False)
+        reg = Registry(arts, allow_paths=False, max_alpha=check_max_alpha(self.max_alpha))
         for art_name, folder in arts.items():
             SteeringArtifact.load(folder)  # the whole artifact is valid (tensors, checksums)
             req = reg.parse({"steer": art_name})
@@ -84,7 +96,8 @@ class ServeJob:
         if self.enforce_eager:
             argv.append("--enforce-eager")
         argv += list(self.vllm_args)
-        env = {**os.environ, **engine_env(allow_paths=False, artifacts=arts, eager=self.enforce_eager)}
+        env = {**os.environ, **engine_env(allow_paths=False, artifacts=arts, eager=self.enforce_eager),
+               ENV_MAX_ALPHA: repr(float(self.max_alpha))}
         return argv, env
 
     def run(self) -> None:
