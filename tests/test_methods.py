@@ -25,7 +25,8 @@ def setup(tiny_llama, tmp_path_factory):
 
 def test_registry_is_the_one_method_list() -> None:
     assert set(PAPER_METHODS) < set(METHODS)
-    assert [m for m in METHODS if METHODS[m].steers] == ["mean", "mean_ba", "norm_random", "l2s", "l2s_nogate", "p2s"]
+    assert [m for m in METHODS if METHODS[m].steers] == ["mean", "mean_ba", "norm_random", "l2s", "l2s_nogate", "p2s",
+                                                          "cast"]  # CAST registers itself (learn2steer.cast)
     assert {m for m in METHODS if METHODS[m].per_input} == {"p2s", "norm_random"}
     assert METHODS["l2s_nogate"].artifact == "l2s" and not METHODS["l2s_nogate"].gated
     with pytest.raises(InvalidInputError, match="unknown method 'magic'"):
@@ -40,7 +41,7 @@ def test_config_for_every_method(setup) -> None:
         provider = cfg.provider_for(ex.ids[:3])
         if not METHODS[name].steers:
             assert provider is None
-        elif name.startswith("l2s"):
+        elif name.startswith("l2s") or name == "cast":  # the predictor methods
             assert isinstance(provider, PredictedVectors) and provider.steer_layers == (2,)
         else:
             assert isinstance(provider, FixedVectors)

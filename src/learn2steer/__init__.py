@@ -13,6 +13,7 @@ from learn2steer._version import __version__
 from learn2steer.activations import Site, read
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
+from learn2steer.cast import CASTNet  # also registers the CAST method, its artifact kind and trainer
 from learn2steer.engines import Engine, generate_with
 from learn2steer.engines.hf import HFEngine, generate
 from learn2steer.errors import IncompatibleArtifactError, UserError
@@ -33,7 +34,7 @@ __all__ = [
     "BehaviourSpec", "Example", "Extraction", "SteeringVector", "extract", "load_behaviour", "load_extraction",
     "mean_vector", "norm_random",
     # predictor
-    "L2SNet", "TrainConfig", "TrainResult", "fit", "train_artifacts",
+    "CASTNet", "L2SNet", "TrainConfig", "TrainResult", "fit", "train_artifacts",
     # steering
     "FixedVectors", "PredictedVectors", "Scope", "VectorProvider", "steer",
     # artifacts and methods

@@ -39,7 +39,7 @@ def demo_eval_config(cfg: DemoConfig) -> EvalConfig:
     """The demo as evaluation settings (the only place the demo's choices live)."""
     base: dict[str, Any] = dict(
         out=Path(cfg.out), model="default", task="safety", dataset="demo", behaviour=cfg.behaviour,
-        methods=list(PAPER_METHODS) + ["l2s_nogate"], layers=[10, 12], alphas=[0.75, 1.0, 1.5], scope="all",
+        methods=list(PAPER_METHODS) + ["l2s_nogate", "cast"], layers=[10, 12], alphas=[0.75, 1.0, 1.5], scope="all",
         test_fraction=0.4, seed=cfg.seed, select=True, select_fraction=0.35, gate=True, max_new_tokens=40,
         batch_size=32, judge="keyword",
         # small-model settings, measured on SmolLM2-135M (docs/DEMO.md); the paper's are TrainConfig's defaults
