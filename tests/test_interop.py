@@ -147,3 +147,23 @@ def test_official_import_refuses_unknown_layouts(tmp_path) -> None:
     torch.save(small, tmp_path / "small.pt")
     with pytest.raises(IncompatibleArtifactError, match="another model"):
         import_official(tmp_path / "small.pt", model="llava-1.5-7b", task="pope")
+
+
+@pytest.mark.parametrize("key,file", [
+    (("llava-1.5-7b", "safety"), "llava_mmsb_steering_net_v3_multi_nobias_K100.pt"),
+    (("llava-1.5-7b", "pope"), "llava_14_average_all_pope_train_-1.pt"),
+    (("qwen2-vl-7b", "safety"), "qwen_14_last_input_multi_mmsb_train_-1_v2.pt"),
+])
+def test_official_predictors_are_accepted_by_the_vllm_protocol(key, file, tmp_path) -> None:
+    """`l2s serve --artifact NAME=DIR` after `l2s import-official`: the request checks accept the paper's settings
+    (L'=30 > L*=15, input_last) on the model they were made for and refuse another model's shape."""
+    from learn2steer.engines.vllm.protocol import EngineLimits, Registry, check_request
+
+    art = import_official(data_path("official_l2s", file), model=key[0], task=key[1])
+    s = OFFICIAL[key]
+    req = Registry({"paper": str(art.save(tmp_path / "a"))}, allow_paths=False).parse({"steer": "paper"})
+    assert req is not None and req.meta.context_read == s.context_read
+    assert req.reads_after_writing == (s.context_layer > s.steer_layer)
+    check_request(req, EngineLimits(hidden_size=s.hidden_size, num_layers=s.num_layers, chunked_prefill=False))
+    with pytest.raises(InvalidInputError, match="was made for a model of hidden size"):
+        check_request(req, EngineLimits(hidden_size=576, num_layers=30, chunked_prefill=False))

@@ -52,7 +52,15 @@ def _artifacts(d: int, n: int) -> dict[str, SteeringArtifact]:
         net.decoder.weight.mul_(20.0)
     l2s = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n, steer_layers=[STEER],
                            context_layer=CONTEXT, predictor=net)
-    return {"fixed": fixed, "l2s": l2s}
+    # the paper's configuration: L' after L* (the LLaVA safety predictor: 30 > 15), and the last input token
+    # before the generation prompt (its `input_last`), alone and together
+    deep = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n, steer_layers=[STEER],
+                            context_layer=n - 1, predictor=net)
+    last = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n, steer_layers=[STEER],
+                            context_layer=CONTEXT, context_read="input_last", predictor=net)
+    deep_last = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n,
+                                 steer_layers=[STEER], context_layer=n - 1, context_read="input_last", predictor=net)
+    return {"fixed": fixed, "l2s": l2s, "deep": deep, "input_last": last, "deep_input_last": deep_last}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +86,7 @@ def tiny(request, folders, artifact_dirs, coco_images):
     folder = folders[request.param]
     handle = load_model(folder)
     arts = {k: SteeringArtifact.load(v) for k, v in artifact_dirs.items()}
-    cfgs = {"none": MethodConfig(), "fixed": MethodConfig.from_artifact(arts["fixed"], alpha=1.0),
-            "l2s": MethodConfig.from_artifact(arts["l2s"], alpha=1.0)}
+    cfgs = {"none": MethodConfig(), **{k: MethodConfig.from_artifact(a, alpha=1.0) for k, a in arts.items()}}
     engine = VLLMEngine.create(str(folder), enforce_eager=True, max_model_len=512, block_size=BLOCK)
     yield request.param, folder, handle, engine, cfgs
     engine.close()
@@ -116,7 +123,7 @@ def test_mixed_batch_with_images_equals_hf(tiny, coco_images) -> None:
     order, reqs = [], []
     for i, e in enumerate(examples):  # every method's requests interleaved in one vLLM call
         names = list(cfgs)
-        for name in names[i % 3:] + names[:i % 3]:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             order.append((name, i))
             reqs += engine.requests(cfgs[name], [e], max_new_tokens=N_NEW)
     outs = engine.generate(reqs)
@@ -132,6 +139,8 @@ def test_mixed_batch_with_images_equals_hf(tiny, coco_images) -> None:
         assert got[name] == _hf(handle, cfg, examples), (arch, name)
     for name in ("fixed", "l2s"):
         assert all(got[name][i] != got["none"][i] for i in range(4)), (arch, name, "steering changed every answer")
+    for name in ("deep", "input_last", "deep_input_last"):  # the paper's reads: steered, and read elsewhere
+        assert got[name] != got["none"] and got[name] != got["l2s"], (arch, name)
     assert got["l2s"][0] != got["fixed"][0]
 
 
