@@ -7,7 +7,12 @@ so every variant does the same work), greedy, variants interleaved, median of re
   the same requests unsteered (same engine, plugin loaded): target >= 0.95;
 * ``vllm_vs_hf_l2s_b16``: vLLM's L2S throughput over the HF engine's L2S throughput on the same 16
   prompts: target >= 3;
-* ``l2s_extra_ttft_ms``: the extra time to first token of the L2S read (one-token requests, batch 16).
+* ``l2s_extra_ttft_ms``: the extra time to first token of the L2S read (one-token requests, batch 16);
+* ``vllm_deep_vs_plain_b16`` / ``deep_read_extra_ttft_ms``: the same with the paper's configuration, L' after
+  L* (L'=20 > L*=12: each prefill step that holds a read runs a read-only pass up to L' first) and no prefix
+  cache reads, as throughput over unsteered and as extra time to first token;
+* ``vllm_images_l2s_vs_plain_b16``: image requests (a tiny random LLaVA-1.5 from ``save_tiny``, real COCO
+  images from the shared data) with L2S over the same image requests unsteered: target >= 0.95.
 
 The L2S predictor has random weights: the cost of reading h, running g and adding v does not depend on
 what g learnt, and ``ignore_eos`` keeps the token count fixed. On a CPU, vLLM's worker is bound to every
@@ -51,6 +56,9 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     art = SteeringArtifact(kind="l2s", method="l2s", model=DEFAULT_MODEL_NAME, hidden_size=576, num_layers=30,
                            steer_layers=[12], predictor=L2SNet(576, 576), context_layer=10, alpha=1.0)
     l2s = MethodConfig.from_artifact(art)
+    deep = MethodConfig.from_artifact(SteeringArtifact(kind="l2s", method="l2s", model=DEFAULT_MODEL_NAME,
+                                                       hidden_size=576, num_layers=30, steer_layers=[12],
+                                                       predictor=L2SNet(576, 576), context_layer=20, alpha=1.0))
     plain = MethodConfig()
     questions = demo_requests()
     facts = machine_facts()
@@ -90,9 +98,21 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     diffs = sorted(1000 * (a - b) for a, b in zip(ttft["l2s"], ttft["plain"]))
     out["ttft_b16"] = {"seconds": ttft, "paired_l2s_minus_plain_ms": diffs}
     out["l2s_extra_ttft_ms"] = statistics.median(diffs)
+    fns = {"plain": run(plain, 16, new_tokens), "deep": run(deep, 16, new_tokens)}
+    fns["deep"]()
+    t = timings(fns, reps)
+    out["vllm_deep_b16"] = {"seconds": t, "tokens_per_s": {k: 16 * new_tokens / statistics.median(v)
+                                                          for k, v in t.items()}}
+    out["vllm_deep_vs_plain_b16"] = ratio(t, "plain", "deep")
+    ttft = timings({"plain": run(plain, 16, 1), "deep": run(deep, 16, 1)}, reps * 3)
+    diffs = sorted(1000 * (a - b) for a, b in zip(ttft["deep"], ttft["plain"]))
+    out["deep_ttft_b16"] = {"seconds": ttft, "paired_deep_minus_plain_ms": diffs}
+    out["deep_read_extra_ttft_ms"] = statistics.median(diffs)
     engine.close()
-    result = {**{k: out[k] for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
-                                      "l2s_extra_ttft_ms")},
+    out.update(_images(reps, new_tokens))
+    result = {**{k: out.get(k) for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
+                                          "l2s_extra_ttft_ms", "vllm_deep_vs_plain_b16", "deep_read_extra_ttft_ms",
+                                          "vllm_images_l2s_vs_plain_b16")},
               "details": out, "new_tokens": new_tokens, "reps": reps, "quick": quick, "smoke": smoke,
               "machine": finish({**facts, "device": "cuda" if torch.cuda.is_available() else "cpu",
                                  "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
@@ -108,9 +128,51 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
             ("vLLM L2S / plain throughput, batch 64", result["vllm_l2s_vs_plain_b64"], ">= 0.95"),
             ("vLLM / HF throughput with L2S, batch 16", result["vllm_vs_hf_l2s_b16"], ">= 3"),
             ("extra time to first token of the L2S read, batch 16 (ms, median of paired differences)",
-             result["l2s_extra_ttft_ms"], "")]
+             result["l2s_extra_ttft_ms"], ""),
+            ("vLLM deep read (L'=20 > L*=12) / plain throughput, batch 16", result["vllm_deep_vs_plain_b16"], ""),
+            ("extra time to first token of a deep read, batch 16 (ms)", result["deep_read_extra_ttft_ms"], ""),
+            *([("vLLM image requests L2S / plain throughput, batch 16 (tiny LLaVA)",
+                result["vllm_images_l2s_vs_plain_b16"], ">= 0.95")]
+              if result["vllm_images_l2s_vs_plain_b16"] is not None else [])]
     print_table(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _images(reps: int, new_tokens: int) -> dict[str, Any]:
+    """Image requests with and without L2S on a tiny random LLaVA-1.5 (nothing without the COCO images)."""
+    import tempfile
+
+    from benchmarks.extraction import coco_images
+    from learn2steer.artifacts import SteeringArtifact
+    from learn2steer.behaviours import Example
+    from learn2steer.engines.vllm.offline import VLLMEngine
+    from learn2steer.methods import MethodConfig
+    from learn2steer.models.tiny import save_tiny
+    from learn2steer.predictor import L2SNet
+
+    images = coco_images(4)
+    if not images:
+        return {"vllm_images": "skipped: no COCO images (set L2S_DATA)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny("llava", Path(tmp) / "llava", seed=1)
+        torch.manual_seed(0)
+        art = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=128, num_layers=4, steer_layers=[2],
+                               predictor=L2SNet(128, 128), context_layer=1)
+        cfgs = {"plain": MethodConfig(), "l2s": MethodConfig.from_artifact(art)}
+        examples = [Example(f"i{k}", "describe this image in detail .", images[k % len(images)]) for k in range(16)]
+        engine = VLLMEngine.create(str(folder), enforce_eager=True, max_model_len=512, max_num_seqs=16)
+        try:
+            fns = {name: (lambda c=cfg: engine.generate(engine.requests(c, examples, max_new_tokens=new_tokens,
+                                                                         ignore_eos=True, min_tokens=new_tokens)))
+                   for name, cfg in cfgs.items()}
+            for f in fns.values():
+                f()
+            t = timings(fns, reps)
+        finally:
+            engine.close()
+    return {"vllm_images_b16": {"seconds": t, "model": "tiny LLaVA-1.5 (save_tiny), COCO images",
+                                "tokens_per_s": {k: 16 * new_tokens / statistics.median(v) for k, v in t.items()}},
+            "vllm_images_l2s_vs_plain_b16": ratio(t, "plain", "l2s")}
