@@ -207,7 +207,8 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path) -> None:
-    """`l2s serve` on tiny LLaVA: OpenAI chat with an ``image_url`` data URI, none / fixed / L2S == HF."""
+    """`l2s serve` on tiny LLaVA: OpenAI chat with an ``image_url`` data URI, none / fixed / L2S / L' > L* /
+    input_last == HF."""
     import socket
 
     from learn2steer.models.loading import load_model
@@ -217,8 +218,9 @@ def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path)
         port = int(s.getsockname()[1])
     folder = folders["llava"]
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", str(folder), "--artifact",
-                             f"fixed={artifact_dirs['fixed']}", "--artifact", f"l2s={artifact_dirs['l2s']}",
+    served = [x for k in ("fixed", "l2s", "deep", "input_last", "deep_input_last")
+              for x in ("--artifact", f"{k}={artifact_dirs[k]}")]
+    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", str(folder), *served,
                              "--served-model-name", "tiny", "--port", str(port), "--enforce-eager",
                              "--max-model-len", "512"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -241,7 +243,10 @@ def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path)
         got = {}
         for name, xargs, cfg in [("none", None, MethodConfig()),
                                  ("fixed", {"steer": "fixed"}, MethodConfig.from_artifact(arts["fixed"])),
-                                 ("l2s", {"steer": "l2s", "alpha": 1.0}, MethodConfig.from_artifact(arts["l2s"]))]:
+                                 ("l2s", {"steer": "l2s", "alpha": 1.0}, MethodConfig.from_artifact(arts["l2s"])),
+                                 # the paper's configuration over HTTP: L' > L*, input_last, both
+                                 *[(k, {"steer": k}, MethodConfig.from_artifact(arts[k]))
+                                   for k in ("deep", "input_last", "deep_input_last")]]:
             body = {"model": "tiny", "max_tokens": N_NEW, "temperature": 0, "return_token_ids": True,
                     "messages": [{"role": "user", "content": [
                         {"type": "image_url", "image_url": {"url": _data_uri(image)}},
@@ -253,7 +258,7 @@ def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path)
             got[name] = _strip(out["choices"][0]["token_ids"], handle.tokenizer.eos_token_id)
             assert len(out["prompt_token_ids"]) == expanded, (name, "the server's prompt is the HF engine's")
             assert got[name] == _hf(handle, cfg, ex)[0], name
-        assert got["fixed"] != got["none"] and got["l2s"] != got["none"]
+        assert all(got[k] != got["none"] for k in got if k != "none"), got
     finally:
         proc.terminate()
         try:
