@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from learn2steer.behaviours import Example
 
@@ -48,3 +49,60 @@ def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120) 
             break
         time.sleep(0.005)
     return proc.wait(timeout=60)
+
+
+# ---- a real `l2s serve` process (serving tests) ----
+
+def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    """POST ``body``; (status, JSON answer), also for HTTP errors (a body that is not JSON comes back as 'raw')."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read() or b"{}"
+        try:
+            return e.code, json.loads(raw)
+        except json.JSONDecodeError:
+            return e.code, {"raw": raw.decode(errors="replace")}
+
+
+@contextmanager
+def l2s_server(args: list[str], log: Path, env: dict[str, str] | None = None, start_timeout: int = 300
+               ) -> Iterator[str]:
+    """`python -m learn2steer serve ARGS --port P` on 127.0.0.1; yields its base URL once /health answers, and
+    stops it afterwards (its output goes to ``log``; shown when it fails to start)."""
+    import socket
+    import urllib.request
+
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", *args, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(start_timeout):
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(1)
+                assert proc.poll() is None, log.read_text()[-3000:]
+            else:
+                pytest.fail("server did not start: " + log.read_text()[-3000:])
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +21,8 @@ import torch
 
 pytestmark = pytest.mark.serve
 vllm = pytest.importorskip("vllm")
+
+from helpers import l2s_server, post_json  # noqa: E402
 
 from learn2steer import MethodConfig, SteeringArtifact, TrainConfig, extract, load_behaviour  # noqa: E402
 from learn2steer.engines.hf import HFEngine, generate_tokens  # noqa: E402
@@ -336,39 +334,10 @@ def test_compiled_mode_steers_too(smol, arts, tmp_path) -> None:
         assert got[n] == hf_tokens(smol, c, EXAMPLES[:3]), n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def test_http_server(smol, arts, tmp_path) -> None:
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", "default", "--artifact",
-                             f"safety={arts['dirs']['l2s']}", "--artifact", f"mean={arts['dirs']['mean']}",
-                             "--port", str(port), "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        else:
-            pytest.fail("server did not start: " + (tmp_path / "server.log").read_text()[-3000:])
+    args = ["--model", "default", "--artifact", f"safety={arts['dirs']['l2s']}", "--artifact",
+            f"mean={arts['dirs']['mean']}", "--enforce-eager"]
+    with l2s_server(args, tmp_path / "server.log") as base:
         ex = EXAMPLES[1]
 
         def chat(xargs: dict | None, **more) -> tuple[int, dict]:
@@ -376,7 +345,7 @@ def test_http_server(smol, arts, tmp_path) -> None:
                     "max_tokens": N_NEW, "temperature": 0, **more}
             if xargs is not None:
                 body["vllm_xargs"] = xargs
-            return _post(base + "/v1/chat/completions", body)
+            return post_json(base + "/v1/chat/completions", body)
 
         tok = smol.tokenizer
         answers = {}
@@ -412,13 +381,6 @@ def test_http_server(smol, arts, tmp_path) -> None:
                                            extra_body={"vllm_xargs": {"steer": "safety"}})
         want = tok.decode(hf_tokens(smol, MethodConfig.from_artifact(arts["l2s"]), [ex])[0], skip_special_tokens=True)
         assert r.choices[0].message.content.strip() == want.strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_serve_refuses_artifacts_it_cannot_apply(arts, capsys) -> None:

@@ -11,12 +11,6 @@ Skips cleanly without the shared COCO images.
 from __future__ import annotations
 
 import base64
-import json
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +20,7 @@ pytestmark = pytest.mark.serve
 vllm = pytest.importorskip("vllm")
 
 from conftest import data_path  # noqa: E402
+from helpers import l2s_server, post_json  # noqa: E402
 
 from learn2steer import MethodConfig, SteeringArtifact  # noqa: E402
 from learn2steer.behaviours import Example  # noqa: E402
@@ -197,44 +192,16 @@ def _data_uri(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path) -> None:
     """`l2s serve` on tiny LLaVA: OpenAI chat with an ``image_url`` data URI, none / fixed / L2S / L' > L* /
     input_last == HF."""
-    import socket
-
     from learn2steer.models.loading import load_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     folder = folders["llava"]
-    log = (tmp_path / "server.log").open("w")
     served = [x for k in ("fixed", "l2s", "deep", "input_last", "deep_input_last")
               for x in ("--artifact", f"{k}={artifact_dirs[k]}")]
-    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", str(folder), *served,
-                             "--served-model-name", "tiny", "--port", str(port), "--enforce-eager",
-                             "--max-model-len", "512"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        else:
-            pytest.fail("server did not start: " + (tmp_path / "server.log").read_text()[-3000:])
+    args = ["--model", str(folder), *served, "--served-model-name", "tiny", "--enforce-eager", "--max-model-len", "512"]
+    with l2s_server(args, tmp_path / "server.log") as base:
         handle = load_model(folder)
         arts = {k: SteeringArtifact.load(v) for k, v in artifact_dirs.items()}
         image, question = coco_images[2], QUESTIONS[0]  # the full-size image
@@ -253,19 +220,12 @@ def test_http_image_url_equals_hf(folders, artifact_dirs, coco_images, tmp_path)
                         {"type": "text", "text": question}]}]}
             if xargs is not None:
                 body["vllm_xargs"] = xargs
-            status, out = _post(base + "/v1/chat/completions", body)
+            status, out = post_json(base + "/v1/chat/completions", body)
             assert status == 200, out
             got[name] = _strip(out["choices"][0]["token_ids"], handle.tokenizer.eos_token_id)
             assert len(out["prompt_token_ids"]) == expanded, (name, "the server's prompt is the HF engine's")
             assert got[name] == _hf(handle, cfg, ex)[0], name
         assert all(got[k] != got["none"] for k in got if k != "none"), got
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_eval_grid_with_images_on_vllm_equals_hf(tiny, tmp_path, monkeypatch) -> None:

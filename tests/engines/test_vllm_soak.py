@@ -10,12 +10,9 @@ leave per-request state behind. Runs in the serving environment (marker ``serve`
 from __future__ import annotations
 
 import json
+import os
 import random
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,6 +20,8 @@ import torch
 
 pytestmark = pytest.mark.serve
 vllm = pytest.importorskip("vllm")
+
+from helpers import l2s_server, post_json  # noqa: E402
 
 from learn2steer import SteeringArtifact  # noqa: E402
 from learn2steer.predictor import L2SNet  # noqa: E402
@@ -37,19 +36,6 @@ BAD = [({"steer": "nope"}, {}), ({"steer": "mean", "alpha": "high"}, {}), ({"ste
        ({"steer": "l2s", "scope": "everywhere"}, {}), ({"steer": "mean", "strength": "loud"}, {}),
        ({"steer": "l2s", "gated": 0.5}, {}), ({"steer_path": "/etc"}, {}), ({"steer": ["mean"]}, {}),
        ({"steer": "mean"}, {"use_beam_search": True, "n": 2})]
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raw = e.read() or b"{}"
-        try:
-            return e.code, json.loads(raw)
-        except json.JSONDecodeError:
-            return e.code, {"raw": raw.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
@@ -68,41 +54,10 @@ def server(tmp_path_factory):
     arts = {"mean": SteeringArtifact(kind="fixed", method="mean", vector=vec, **common),
             "l2s": SteeringArtifact(kind="l2s", method="l2s", context_layer=1, predictor=net, **common)}
     trace = tmp / "trace.jsonl"
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    env = {**__import__("os").environ, "L2S_VLLM_TRACE": str(trace)}
-    proc = subprocess.Popen([sys.executable, "-m", "learn2steer", "serve", "--model", str(folder), "--port", str(port),
-                             "--enforce-eager", "--served-model-name", "tiny",
-                             *[x for k, a in arts.items() for x in ("--artifact", f"{k}={a.save(tmp / k)}")]],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        else:
-            pytest.fail("server did not start: " + (tmp / "server.log").read_text()[-3000:])
+    args = ["--model", str(folder), "--enforce-eager", "--served-model-name", "tiny",
+            *[x for k, a in arts.items() for x in ("--artifact", f"{k}={a.save(tmp / k)}")]]
+    with l2s_server(args, tmp / "server.log", env={**os.environ, "L2S_VLLM_TRACE": str(trace)}) as base:
         yield base, trace
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chat(base: str, question: str, xargs: dict | None, more: dict) -> tuple[int, dict]:
@@ -110,7 +65,7 @@ def _chat(base: str, question: str, xargs: dict | None, more: dict) -> tuple[int
             "temperature": 0, **more}
     if xargs is not None:
         body["vllm_xargs"] = xargs
-    return _post(base + "/v1/chat/completions", body)
+    return post_json(base + "/v1/chat/completions", body)
 
 
 def test_soak_bad_requests_never_poison_good_ones(server) -> None:
