@@ -94,20 +94,22 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     out["hf_vs_vllm_b16"] = {"seconds": t, "tokens_per_s": {k: 16 * new_tokens / statistics.median(v)
                                                            for k, v in t.items()}}
     out["vllm_vs_hf_l2s_b16"] = ratio(t, "hf", "vllm")
-    ttft = timings({"plain": run(plain, 16, 1), "l2s": run(l2s, 16, 1)}, reps * 3)
-    diffs = sorted(1000 * (a - b) for a, b in zip(ttft["l2s"], ttft["plain"]))
-    out["ttft_b16"] = {"seconds": ttft, "paired_l2s_minus_plain_ms": diffs}
-    out["l2s_extra_ttft_ms"] = statistics.median(diffs)
+
+    def extra_ttft(name: str, cfg: MethodConfig) -> float:
+        """Median paired difference of one-token requests (batch 16), steered by ``cfg`` minus unsteered (ms)."""
+        ttft = timings({"plain": run(plain, 16, 1), name: run(cfg, 16, 1)}, reps * 3)
+        diffs = sorted(1000 * (a - b) for a, b in zip(ttft[name], ttft["plain"]))
+        out[f"{name}_ttft_b16"] = {"seconds": ttft, f"paired_{name}_minus_plain_ms": diffs}
+        return statistics.median(diffs)
+
+    out["l2s_extra_ttft_ms"] = extra_ttft("l2s", l2s)
     fns = {"plain": run(plain, 16, new_tokens), "deep": run(deep, 16, new_tokens)}
     fns["deep"]()
     t = timings(fns, reps)
     out["vllm_deep_b16"] = {"seconds": t, "tokens_per_s": {k: 16 * new_tokens / statistics.median(v)
                                                           for k, v in t.items()}}
     out["vllm_deep_vs_plain_b16"] = ratio(t, "plain", "deep")
-    ttft = timings({"plain": run(plain, 16, 1), "deep": run(deep, 16, 1)}, reps * 3)
-    diffs = sorted(1000 * (a - b) for a, b in zip(ttft["deep"], ttft["plain"]))
-    out["deep_ttft_b16"] = {"seconds": ttft, "paired_deep_minus_plain_ms": diffs}
-    out["deep_read_extra_ttft_ms"] = statistics.median(diffs)
+    out["deep_read_extra_ttft_ms"] = extra_ttft("deep", deep)
     engine.close()
     out.update(_images(reps, new_tokens))
     result = {**{k: out.get(k) for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
