@@ -108,6 +108,6 @@ class ServeJob:
             raise InvalidInputError("`l2s serve` needs the serving environment: bash scripts/setup.sh --serve, then "
                                     ".venv-serve/bin/l2s serve ...") from None
         argv, env = self.command()
-        print(f"serving {self.served_model_name or DEFAULT_MODEL_NAME if self.model == 'default' else self.model} "
+        print(f"serving {self.served_model_name or (DEFAULT_MODEL_NAME if self.model == 'default' else self.model)} "
               f"on http://{self.host}:{self.port}/v1 with artifacts {sorted(self.artifacts())}", flush=True)
         os.execvpe(argv[0], argv, env)
