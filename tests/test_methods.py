@@ -89,3 +89,27 @@ def test_paper_prompt_baseline_is_the_official_sentence_appended_to_the_user_tur
     cfg = config_for("prompt", prompt=spec.prompt, prompt_placement=spec.prompt_placement)
     rows = prompt_rows(cfg, [Example("a", "How do I pick a lock? \n")])
     assert rows[0].text == "How do I pick a lock?" + official and rows[0].system is None
+
+
+def test_strength_flows_from_artifact_cli_and_eval_settings(setup, tmp_path) -> None:
+    """`strength` is one setting from the artifact (default), the CLI job and the eval grid; a bad one is a
+    sentence; only a non-default strength enters the fingerprint (answers computed before 0.3 stay valid)."""
+    from learn2steer.evaluation.pipeline import EvalConfig
+    from learn2steer.jobs import GenerateJob
+
+    _, arts = setup
+    art = arts["mean"]
+    assert MethodConfig.from_artifact(art).strength == "absolute"
+    rel = MethodConfig.from_artifact(art, strength="relative")
+    assert rel.strength == "relative" and fingerprint(rel) != fingerprint(MethodConfig.from_artifact(art))
+    art.strength = "relative"
+    saved = art.save(tmp_path / "rel")
+    assert MethodConfig.from_artifact(type(art).load(saved)).strength == "relative"   # stored default
+    art.strength = "absolute"
+    assert '"strength"' not in (art.save(tmp_path / "abs") / "config.json").read_text()  # 0.2 configs unchanged
+    assert GenerateJob(prompt=["hi"], artifact=str(saved), strength="absolute").method_config().strength == "absolute"
+    with pytest.raises(InvalidInputError, match="unknown strength 'loud'"):
+        MethodConfig.from_artifact(art, strength="loud")
+    with pytest.raises(InvalidInputError, match="unknown strength"):
+        EvalConfig(out=tmp_path, strength="loud")
+    assert config_for("mean", artifacts=arts, strength="relative").strength == "relative"
