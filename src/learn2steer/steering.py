@@ -373,7 +373,7 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
     ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
     """
-    if not math.isfinite(float(alpha)) or not math.isfinite(float(torch.tensor(float(alpha), dtype=torch.float32))):
+    if not math.isfinite(float(torch.tensor(float(alpha), dtype=torch.float32))):  # inf/NaN, or past float32's max
         raise InvalidInputError(f"steering strength alpha must be a finite float32 number, got {alpha!r}")
     scope = Scope.parse(scope)
     strength = Strength.parse(strength)
