@@ -41,15 +41,15 @@ def _runner(extra: dict | None, computed: int, count: int) -> SimpleNamespace:
 
 def _generation(extra: dict | None) -> float:
     """Seconds of plugin work for one prefill + STEPS decode steps of BATCH requests."""
-    plugin._REQUESTS.clear()
-    plugin._VECTORS.clear()
+    plugin._W.requests.clear()
+    plugin._W.vectors.clear()
     hidden_p, resid_p = torch.randn(BATCH * PROMPT, D), torch.randn(BATCH * PROMPT, D)
     hidden_d, resid_d = torch.randn(BATCH, D), torch.randn(BATCH, D)
     t = time.perf_counter()
     for step in range(STEPS + 1):
         prefill = step == 0
         runner = _runner(extra, 0 if prefill else PROMPT + step - 1, PROMPT if prefill else 1)
-        plugin._W.plan = plugin.build_plan(runner)
+        plugin._W.plan = plugin.build_plan(plugin._W, plugin.step_batch(runner), plugin._parse)
         hidden, resid = (hidden_p, resid_p) if prefill else (hidden_d, resid_d)
         for layer in range(LAYERS):
             plugin._steer_impl(hidden, resid, layer)
@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         art = SteeringArtifact(kind="l2s", method="l2s", model="probe", hidden_size=D, num_layers=LAYERS,
                                steer_layers=[L_STAR], context_layer=L_STAR, predictor=L2SNet(D, D))
-        plugin._STATE["registry"] = Registry({"l2s": str(art.save(Path(tmp) / "l2s"))}, allow_paths=False)
+        plugin._P.registry = Registry({"l2s": str(art.save(Path(tmp) / "l2s"))}, allow_paths=False)
         _generation({"steer": "l2s"})  # load the predictor once, as a server does
         times: dict[str, list[float]] = {"none": [], "l2s": []}
         for _ in range(9):

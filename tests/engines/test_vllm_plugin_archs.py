@@ -105,7 +105,7 @@ def test_steered_tiny_models_equal_hf_token_for_token(tiny) -> None:
 
 def test_layers_were_found_by_structure(tiny) -> None:
     """The steered engine answered above; here: the layer search itself, on vLLM's own module tree."""
-    from learn2steer.engines.vllm.plugin import decoder_layers
+    from learn2steer.engines.vllm.layers import decoder_layers
 
     arch, handle, _, _ = tiny
     # HF's module tree has the same shape (model.layers); the search skips vision towers and wrong lengths

@@ -96,7 +96,7 @@ class VLLMEngine:
         os.environ.update(engine_env(allow_paths=True, eager=enforce_eager))
         from learn2steer.engines.vllm import plugin
 
-        plugin._STATE["registry"] = None  # re-read the environment in this process
+        plugin.reload_registry()  # re-read the environment in this process
         if dtype == "auto" and not torch.cuda.is_available():
             dtype = "float32"
         kw: dict[str, Any] = dict(dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=0,

@@ -1,7 +1,9 @@
 """learn2steer's vLLM plugin: per-request fixed and input-dependent (L2S) steering inside vLLM.
 
 Registered through the ``vllm.general_plugins`` entry point, so vLLM calls :func:`register` in every
-process (API server, engine core, workers) before the model is built; no fork. It patches:
+process (API server, engine core, workers) before the model is built; no fork. This module holds only
+the patches; what each step reads and writes is :mod:`~learn2steer.engines.vllm.plan` (pure, tested
+without vLLM), finding and wrapping the layers :mod:`~learn2steer.engines.vllm.layers`. It patches:
 
 * the model runner's ``load_model``: once the model is loaded (before anything is compiled), the
   language model's decoder layers are found by structure (:func:`decoder_layers`: the ``ModuleList`` of
@@ -17,8 +19,10 @@ process (API server, engine core, workers) before the model is built; no fork. I
 * ``GPUModelRunner._model_forward`` (the CPU runner inherits it): before each forward, the per-token
   plan is built from the runner's input batch (request order, tokens already computed, prompt
   lengths, each request's ``extra_args``). Positions are absolute, so chunked prefill, preemption
-  (recomputed positions) and decode steps all steer the same positions as one Hugging Face pass;
-* ``_on_request_state_removed``: a finished request's stored vector is freed;
+  (recomputed positions) and decode steps all steer the same positions as one Hugging Face pass. A step
+  holding the read of an L2S request with L' > L* first runs a read-only pass (stopped after L');
+* ``_on_request_state_removed``: everything a finished request brought (its L2S vector, its inline
+  vectors) is freed;
 * ``sample_tokens`` / ``execute_model`` and ``Scheduler.update_from_output``: a request whose addition
   would not be finite is failed alone (vLLM's error finish), never written, never the engine's death;
 * ``Request.from_engine_core_request`` (engine core): the prefix-cache salt of steered requests;
@@ -33,16 +37,23 @@ the machines this was built on).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, cast
+from typing import Any, cast
 
-import numpy as np
 import torch
 
+from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
+from learn2steer.engines.vllm.plan import (
+    ENV_TRACE,
+    StepBatch,
+    Sum,
+    WorkerState,
+    apply,
+    build_plan,
+    read_pass,
+)
 from learn2steer.engines.vllm.protocol import (
     ENV_ALLOW_PATHS,
     ENV_ARTIFACTS,
@@ -50,26 +61,41 @@ from learn2steer.engines.vllm.protocol import (
     READ_BACK,
     EngineLimits,
     Registry,
-    SteerRequest,
     check_request,
 )
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import addition, scope_selects
+
+__all__ = ["ENV_TRACE", "decoder_layers", "register", "registry", "steering_enabled", "stored_vectors"]
 
 log = logging.getLogger("learn2steer.vllm")
 SUPPORTED_VLLM = ("0.32.",)
-ENV_TRACE = "L2S_VLLM_TRACE"  # a file: every write is logged as a JSON line (tests)
-_TRACING = bool(os.environ.get(ENV_TRACE))  # read when the process starts (workers inherit the environment)
 
-_STATE: dict[str, Any] = {"registered": False, "supported": False, "registry": None}
+
+@dataclass
+class _Process:
+    """What the plugin knows in this process (API server, engine core or worker), in one object."""
+
+    registered: bool = False
+    supported: bool = False
+    registry: Registry | None = None
+    library: Any = None                          # the ops live as long as their torch Library object
+    worker: WorkerState = field(default_factory=WorkerState)
+
+
+_P = _Process()
+_W = _P.worker  # the worker's per-request state (benchmarks/vllm_plan_probe.py drives it directly)
 
 
 def registry() -> Registry:
     """This process's artifact registry (built from the environment on first use)."""
-    if _STATE["registry"] is None:
-        _STATE["registry"] = Registry()
-    reg: Registry = _STATE["registry"]
-    return reg
+    if _P.registry is None:
+        _P.registry = Registry()
+    return _P.registry
+
+
+def reload_registry() -> None:
+    """Forget the registry: the next use re-reads the environment (the offline engine sets it first)."""
+    _P.registry = None
 
 
 def _has_steering(extra: Any) -> bool:
@@ -82,249 +108,43 @@ def steering_enabled() -> bool:
     return os.environ.get(ENV_ALLOW_PATHS) == "1" or raw not in ("", "{}")
 
 
-# ---- the per-step plan (worker) --------------------------------------------------------------------------
-
-@dataclass
-class _Write:
-    rows: Any                   # flat token rows of this step (np.ndarray, or a tuple in decode steps)
-    positions: Any              # their absolute positions (for the trace)
-    rid: str
-    req: SteerRequest
-
-
-@dataclass
-class _Plan:
-    # layer -> (flat row in this step, request id, request, absolute position) of each L2S read
-    captures: dict[int, list[tuple[int, str, SteerRequest, int]]] = field(default_factory=lambda: defaultdict(list))
-    writes: dict[int, list[_Write]] = field(default_factory=lambda: defaultdict(list))
-    #: reads of L2S requests with L' > L* (read in a pass of their own before this step's steered pass)
-    early: dict[int, list[tuple[int, str, SteerRequest, int]]] = field(default_factory=lambda: defaultdict(list))
-    stop_after: int | None = None   # a read-only pass: stop the forward after this layer's reads
-    stopped: bool = False
-    ran: int = 0
-
-
-class _StopForward(Exception):
-    """Raised by the op to end a read-only pass once its deepest read is done (caught by the runner patch)."""
-
-
-@dataclass
-class _Worker:
-    """All per-request and per-step state of one worker process, in one place.
-
-    ``failed`` holds requests whose step would have put a non-finite value into the residual stream (a
-    predictor that returned NaN, an addition that overflows the model's dtype): their rows are left
-    unwritten and they are reported with the step's output, so that the scheduler finishes exactly those
-    requests with an error while every other request (and the engine) goes on.
-    """
-
-    plan: _Plan | None = None
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)          # request id -> L2S vector (float32)
-    requests: dict[str, SteerRequest | None] = field(default_factory=dict)  # request id -> steering (None: none)
-    cache: dict[tuple[str, Any], Any] = field(default_factory=dict)          # vectors / predictors per (source, dev)
-    failed: dict[str, str] = field(default_factory=dict)                    # request id -> why (until removed)
-    unreported: set[str] = field(default_factory=set)                       # failed, not yet told the scheduler
-    layers: list[str] = field(default_factory=list)                         # the wrapped layers' module paths
-
-    def fail(self, rid: str, why: str) -> None:
-        if rid not in self.failed:
-            log.error("learn2steer: request %s failed: %s", rid, why)
-            self.failed[rid] = why
-            self.unreported.add(rid)
-            _trace({"failed": rid, "why": why})
-        self.vectors.pop(rid, None)
-
-
-_W = _Worker()
-_REQUESTS, _VECTORS = _W.requests, _W.vectors  # aliases (benchmarks/vllm_plan_probe.py)
-
+# ---- the per-step plan (worker): learn2steer.engines.vllm.plan does the work ---------------------------------
 
 def stored_vectors() -> int:
-    """How many requests' L2S vectors this worker holds (freed when requests finish)."""
-    return len(_W.vectors)
+    """How many tensors this worker holds for live requests (L2S vectors, inline vectors; freed when they finish)."""
+    return _W.stored()
 
 
-def _fixed(req: SteerRequest, layer: int, device: torch.device) -> torch.Tensor:
-    key = (f"{req.key}@{layer}", str(device))
-    if key not in _W.cache:
-        if req.vector is not None:
-            v = torch.tensor(req.vector, dtype=torch.float32)
-        else:
-            from learn2steer.artifacts import SteeringArtifact
-
-            art = SteeringArtifact.load(str(req.meta.folder))
-            assert art.vector is not None
-            v = art.vector[layer].float()
-        _W.cache[key] = v.to(device)
-    out: torch.Tensor = _W.cache[key]
-    return out
-
-
-def _predictor(req: SteerRequest, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    key = (f"{req.key}#{req.gated}", str(device))
-    if key not in _W.cache:
-        from learn2steer.artifacts import SteeringArtifact
-
-        art = SteeringArtifact.load(str(req.meta.folder))
-        _W.cache[key] = art.predict_fn(gated=req.gated).to(device).eval()
-    fn: Callable[[torch.Tensor], torch.Tensor] = _W.cache[key]
-    return fn
-
-
-def build_plan(runner: Any) -> _Plan | None:
-    """What to read and write in this step, from the runner's input batch (None when nothing is steered)."""
+def step_batch(runner: Any) -> StepBatch:
+    """The runner's input batch as plain arrays (only the first ``num_reqs`` rows are this step's)."""
     ib = runner.input_batch
     n = int(ib.num_reqs)
-    if n == 0:
-        return None
-    qsl = runner.query_start_loc.np
-    computed_all, prompt_all = ib.num_computed_tokens_cpu, ib.num_prompt_tokens
-    plan: _Plan | None = None
-    for i, rid in enumerate(ib.req_ids[:n]):
-        if rid not in _W.requests:
-            state = runner.requests.get(rid)
-            sp = getattr(state, "sampling_params", None)
-            extra = getattr(sp, "extra_args", None) if sp is not None else None
-            try:
-                _W.requests[rid] = registry().parse(extra) if _has_steering(extra) else None
-            except InvalidInputError as e:  # the API process checked it; a differing worker setting fails it here
-                _W.requests[rid] = None
-                _W.fail(rid, str(e))
-        req = _W.requests[rid]
-        if req is None or req.alpha == 0.0 or rid in _W.failed:
-            continue
-        start = int(qsl[i])
-        count = int(qsl[i + 1]) - start
-        if count <= 0:
-            continue
-        plan = plan or _Plan()
-        computed, prompt_len = int(computed_all[i]), int(prompt_all[i])
-        if count == 1:  # a decode step (the common case): plain integers, no arrays
-            any_sel = bool(scope_selects(req.scope, computed, prompt_len))
-            write = _Write((start,) if any_sel else (), (computed,) if any_sel else (), rid, req)
-        else:
-            pos = np.arange(computed, computed + count, dtype=np.int64)
-            sel = scope_selects(req.scope, pos, prompt_len)
-            any_sel = bool(sel.any())
-            write = _Write(start + np.flatnonzero(sel), pos[sel], rid, req)
-        if req.meta.reads_context:
-            assert req.meta.context_layer is not None
-            row = req.read_row(prompt_len)
-            if rid not in _W.vectors and computed <= row < computed + count:
-                reads = plan.early if req.reads_after_writing else plan.captures
-                reads[req.meta.context_layer].append((start + row - computed, rid, req, row))
-            elif rid not in _W.vectors and any_sel:
-                _W.fail(rid, "steering positions before its last prompt token was read (a prompt split across "
-                        "steps with a prompt scope); the request checks should have refused this")
-                continue
-        if any_sel:
-            for layer in req.meta.steer_layers:
-                plan.writes[layer].append(write)
-    return plan
+
+    def extra_args(rid: str) -> Any:
+        sp = getattr(runner.requests.get(rid), "sampling_params", None)
+        return getattr(sp, "extra_args", None) if sp is not None else None
+
+    return StepBatch(req_ids=list(ib.req_ids[:n]), query_start_loc=runner.query_start_loc.np,
+                     num_computed=ib.num_computed_tokens_cpu, num_prompt=ib.num_prompt_tokens,
+                     extra_args=extra_args)
 
 
-def _trace(record: dict[str, Any]) -> None:
-    path = os.environ.get(ENV_TRACE)
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _apply(read: Any, residual: torch.Tensor, layer: int) -> None:
-    """The op's body: ``read`` is the residual stream after ``layer`` (computed lazily), ``residual`` the tensor
-    that carries it into the next layer. Reads L2S captures, then adds alpha * v to the planned rows.
-
-    Nothing non-finite is ever written: the residual rows (and through them the KV cache, whose blocks
-    other requests share) would carry it into every later step. A request whose addition is not finite
-    (a predictor that returned NaN, an alpha * v that overflows the model's dtype) is failed alone.
-    """
-    plan = _W.plan
-    if plan is None or layer < 0:
-        return
-    plan.ran += 1
-    caps = [c for c in plan.captures.get(layer, ()) if c[1] not in _W.failed]
-    if caps:
-        rows = torch.tensor([c[0] for c in caps], device=residual.device)
-        h = read.index_select(0, rows).float()
-        groups: dict[tuple[str, bool], list[int]] = defaultdict(list)  # one predictor call per artifact
-        for j, (_, _, req, _) in enumerate(caps):
-            groups[(req.key, req.gated)].append(j)
-        for idx in groups.values():
-            pred = _predictor(caps[idx[0]][2], residual.device)(h[idx]).detach()
-            finite = torch.isfinite(pred).all(dim=-1).tolist()
-            for k, j in enumerate(idx):
-                if finite[k]:
-                    _W.vectors[caps[j][1]] = pred[k]
-                    if _TRACING:
-                        _trace({"read": caps[j][1], "layer": layer, "position": caps[j][3]})
-                else:
-                    _W.fail(caps[j][1], f"the L2S predictor produced NaN or inf at layer {layer}")
-    if plan.stop_after == layer:
-        plan.stopped = True
-        raise _StopForward()
-    writes, vectors = [], []
-    for w in plan.writes.get(layer, ()):
-        if w.rid in _W.failed:
-            continue
-        v: torch.Tensor | None = (_W.vectors.get(w.rid) if w.req.meta.reads_context
-                                  else _fixed(w.req, layer, residual.device))
-        if v is None:  # not reachable by construction (build_plan); never a reason to stop the engine
-            _W.fail(w.rid, f"its L2S vector is unknown at layer {layer}")
-            continue
-        writes.append(w)
-        vectors.append(v)
-    if not writes:
-        return
-    # one addition for the whole step: each write's alpha * v, repeated over its rows
-    alphas = torch.tensor([w.req.alpha for w in writes], device=residual.device)
-    counts = torch.tensor([len(w.rows) for w in writes], device=residual.device)
-    delta = (alphas[:, None] * torch.stack(vectors)).repeat_interleave(counts, dim=0)
-    rows = torch.from_numpy(np.concatenate([np.asarray(w.rows, dtype=np.int64) for w in writes])).to(residual.device)
-    if any(w.req.strength != "absolute" for w in writes):  # norm-relative: the same function as the HF engine
-        start = 0
-        for w, v, n in zip(writes, vectors, counts.tolist()):
-            if w.req.strength != "absolute":
-                stream = read.index_select(0, rows[start:start + n]).float()
-                delta[start:start + n] = addition(v.expand(n, -1), stream, w.req.alpha, w.req.strength)
-            start += n
-    new = residual.index_select(0, rows) + delta.to(residual.dtype)
-    ok = torch.isfinite(new).all(dim=-1)
-    if not bool(ok.all()):  # rare: find the requests, fail them, write the others
-        bad = set(torch.repeat_interleave(torch.arange(len(writes), device=ok.device), counts)[~ok].tolist())
-        for j in sorted(bad):
-            _W.fail(writes[j].rid, f"alpha * v at layer {layer} is not finite in {residual.dtype}; ask for a "
-                                   "smaller alpha")
-        rows, new = rows[ok], new[ok]
-        writes = [w for j, w in enumerate(writes) if j not in bad]
-    residual.index_copy_(0, rows, new)
-    if _TRACING:
-        for w in writes:
-            _trace({"request": w.rid, "layer": layer, "positions": [int(x) for x in w.positions],
-                    "alpha": w.req.alpha, "source": w.req.key})
+def _parse(extra: Any) -> Any:
+    return registry().parse(extra) if _has_steering(extra) else None
 
 
 def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """The op for layers that return ``(hidden_states, residual)``: their sum is the residual stream."""
     if _W.plan is None:
         return
-    _apply(_Sum(hidden, residual), residual, layer)
+    apply(_W, Sum(hidden, residual), residual, layer)
 
 
 def _steer_single_impl(x: torch.Tensor, layer: int) -> None:
     """The op for layers that return the residual stream itself (Granite, OPT, ...)."""
     if _W.plan is None:
         return
-    _apply(x, x, layer)
-
-
-class _Sum:
-    """``hidden + residual`` without materialising it: only the captured rows are ever summed."""
-
-    def __init__(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        self.hidden, self.residual = hidden, residual
-
-    def index_select(self, dim: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.hidden.index_select(dim, rows) + self.residual.index_select(dim, rows)
+    apply(_W, x, x, layer)
 
 
 def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
@@ -335,61 +155,13 @@ def _steer_single_fake(x: torch.Tensor, layer: int) -> None:
     return None
 
 
-# ---- finding the decoder layers (worker, after the model is loaded) ------------------------------------------
-
-_NOT_LANGUAGE = ("vision", "visual", "vit", "image", "audio", "encoder", "projector", "mm_", "tower")
-
-
-def decoder_layers(model: Any, num_layers: int) -> list[tuple[str, Any]]:
-    """The language model's decoder layers, found by structure rather than by class.
-
-    vLLM models keep them in a ``ModuleList`` (``model.layers``; inside multimodal wrappers
-    ``language_model.model.layers``), one entry per layer of the text config. Towers of other modalities
-    have their own lists, recognised by name. Pipeline stages hold placeholders for others' layers.
-    """
-    found = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.ModuleList) or len(mod) != num_layers or not name.endswith("layers"):
-            continue
-        if any(word in part for part in name.lower().split(".") for word in _NOT_LANGUAGE):
-            continue
-        found.append((name, mod))
-    if not found:
-        return []
-    found.sort(key=lambda item: ("language_model" not in item[0], item[0].count(".")))
-    name, layers = found[0]
-    return [(f"{name}.{i}", layer) for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"]
-
-
-def _wrap_layer(layer: Any, index: int, path: str) -> None:
-    """Run the steering op after this layer instance's own forward, whatever its class."""
-    if getattr(layer, "_l2s_wrapped", False):
-        return
-    orig = layer.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        out = orig(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            torch.ops.l2s_vllm.steer_single_(out, index)
-        elif (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
-              and isinstance(out[1], torch.Tensor) and out[0].shape == out[1].shape):
-            torch.ops.l2s_vllm.steer_(out[0], out[1], index)
-        else:
-            raise InvalidInputError(f"learn2steer cannot steer {type(layer).__name__} ({path}): its forward returns "
-                                    "neither the residual stream nor (hidden_states, residual)")
-        return out
-
-    layer.forward = forward
-    layer._l2s_wrapped = True
-
-
 def attach(runner: Any) -> int:
     """Wrap the loaded model's decoder layers; how many were wrapped (0: this model cannot be steered)."""
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     text = _text_config(runner.vllm_config.model_config)
     layers = decoder_layers(model, int(text.num_hidden_layers))
     for path, layer in layers:
-        _wrap_layer(layer, int(path.rsplit(".", 1)[1]), path)
+        wrap_layer(layer, int(path.rsplit(".", 1)[1]), path)
     _W.layers = [p for p, _ in layers]
     if not layers and steering_enabled():
         raise InvalidInputError(f"learn2steer found no decoder layers in {type(model).__name__} (no ModuleList of "
@@ -431,7 +203,7 @@ def _patch_front_end(version: str) -> None:
         extra = getattr(params, "extra_args", None)
         if _has_steering(extra):
             try:
-                if not _STATE["supported"]:
+                if not _P.supported:
                     raise InvalidInputError(f"learn2steer's vLLM plugin supports vLLM 0.32.x; this is {version}")
                 req = registry().parse(extra)
                 assert req is not None
@@ -447,7 +219,7 @@ def _patch_front_end(version: str) -> None:
         ecr = orig_process(self, *args, **kwargs)
         sp = getattr(ecr, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
-        if _has_steering(extra) and _STATE["supported"]:
+        if _has_steering(extra) and _P.supported:
             try:
                 _prepare_read(self, ecr, sp, cast(dict, extra))
             except InvalidInputError as e:
@@ -488,13 +260,15 @@ def _prepare_read(processor: Any, ecr: Any, sp: Any, extra: dict[str, Any]) -> N
     if req is None or not req.meta.reads_context:
         return
     if req.meta.context_read == "input_last":
-        if "gen_prompt" not in _STATE:
+        # per front end, not per process: one process may hold several offline engines (other tokenizers)
+        suffix: list[int] | None = getattr(processor, "_l2s_generation_prompt", None)
+        if suffix is None:
             tok = processor.tokenizer
             if tok is None:
                 raise InvalidInputError("the 'input_last' read needs the tokenizer; start vLLM without "
                                         "skip_tokenizer_init")
-            _STATE["gen_prompt"] = generation_prompt_ids(tok)
-        suffix: list[int] = _STATE["gen_prompt"]
+            suffix = generation_prompt_ids(tok)
+            processor._l2s_generation_prompt = suffix
         ids = list(ecr.prompt_token_ids or [])
         if len(ids) <= len(suffix) or ids[-len(suffix):] != suffix:
             raise InvalidInputError("this L2S artifact reads the last input token before the generation prompt, "
@@ -564,24 +338,6 @@ def _report_failed(output: Any) -> Any:
     return output
 
 
-def _read_pass(plan: _Plan, forward: Callable[[], Any]) -> None:
-    """Read L' > L* requests' hidden states in a forward of this step without any write, stopped after the
-    deepest read. It writes this step's KV slots unsteered up to there; the steered pass that follows
-    overwrites the same slots, so nothing of it remains. (Measured in a prototype: +55% on the prefill
-    steps that hold such a read; decode steps are unchanged.)"""
-    read = _Plan(captures=plan.early, stop_after=max(plan.early))
-    _W.plan = read
-    try:
-        forward()
-    except Exception:
-        if not read.stopped:
-            raise
-    finally:
-        _W.plan = None
-    if not read.stopped:
-        raise RuntimeError("learn2steer: the read pass of an L' > L* request ended without reaching its layer")
-
-
 def _patch_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -591,9 +347,9 @@ def _patch_runner() -> None:
     orig_execute = GPUModelRunner.execute_model
 
     def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        plan = build_plan(self)
-        if plan is not None and plan.early:
-            _read_pass(plan, lambda: orig_forward(self, *args, **kwargs))
+        plan = build_plan(_W, step_batch(self), _parse)
+        if plan is not None and plan.early:  # L' > L*: read first, in a pass that writes nothing
+            read_pass(_W, plan, lambda *a, **k: orig_forward(self, *a, **k), args, kwargs)
         _W.plan = plan
         try:
             out = orig_forward(self, *args, **kwargs)
@@ -606,10 +362,7 @@ def _patch_runner() -> None:
         return out
 
     def _on_request_state_removed(self: Any, req_id: str, req_state: Any) -> None:
-        had = _W.vectors.pop(req_id, None) is not None
-        _W.failed.pop(req_id, None)
-        if _W.requests.pop(req_id, None) is not None:
-            _trace({"freed": req_id, "had_vector": had, "stored_now": len(_W.vectors)})
+        _W.forget(req_id)
         orig_removed(self, req_id, req_state)
 
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -662,9 +415,9 @@ def _force_eager_on_cuda() -> None:
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: install the patches (idempotent, every process)."""
-    if _STATE["registered"]:
+    if _P.registered:
         return
-    _STATE["registered"] = True
+    _P.registered = True
     # The plugin patches the V1 model runner (the only one on CPU; on GPU vLLM 0.32 picks V2 when Triton is
     # there). Pin V1 unless the user chose otherwise; a V2 engine refuses steering requests (check_request).
     # Plugins load before the engine config is made and before worker processes start, so this is in time.
@@ -672,9 +425,9 @@ def register() -> None:
     import vllm
 
     version = str(getattr(vllm, "__version__", "unknown"))
-    _STATE["supported"] = version.startswith(SUPPORTED_VLLM)
+    _P.supported = version.startswith(SUPPORTED_VLLM)
     _patch_front_end(version)  # first: without the rest, steering requests are refused, never ignored
-    if not _STATE["supported"]:
+    if not _P.supported:
         log.error("learn2steer's vLLM plugin supports vLLM %s; found %s: steering requests will be refused",
                   "/".join(SUPPORTED_VLLM), version)
         return
@@ -685,7 +438,7 @@ def register() -> None:
     direct_register_custom_op("steer_", _steer_impl, mutates_args=["residual"], fake_impl=_steer_fake, target_lib=lib)
     direct_register_custom_op("steer_single_", _steer_single_impl, mutates_args=["x"], fake_impl=_steer_single_fake,
                               target_lib=lib)
-    _STATE["library"] = lib  # the ops live as long as their Library object
+    _P.library = lib  # the ops live as long as their Library object
     _patch_runner()
     _patch_engine_core()
     _force_eager_on_cuda()

@@ -1,0 +1,163 @@
+"""The vLLM plugin's per-step plan and op body, without vLLM: plain arrays in, rows read and written out.
+
+The same functions run inside vLLM's worker (``tests/engines/test_vllm*.py`` check them there against the
+HF engine); here each rule is checked on hand-built steps: which rows a scope writes, where an L2S request
+reads (and when in a pass of its own), that a non-finite addition fails its request alone, that a
+read-only pass cannot disturb the steered pass's inputs, and that a finished request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from learn2steer import SteeringArtifact
+from learn2steer.engines.vllm.plan import (
+    ARTIFACT_CACHE,
+    Plan,
+    StepBatch,
+    StopForward,
+    Sum,
+    WorkerState,
+    apply,
+    build_plan,
+    read_pass,
+)
+from learn2steer.engines.vllm.protocol import Registry
+from learn2steer.predictor import L2SNet
+
+D, N = 8, 4
+
+
+def _batch(reqs: list[tuple[str, dict[str, Any] | None, int, int, int]]) -> StepBatch:
+    """(id, extra_args, tokens in this step, tokens already computed, prompt length) per request."""
+    counts = [r[2] for r in reqs]
+    extra = {r[0]: r[1] for r in reqs}
+    return StepBatch(req_ids=[r[0] for r in reqs], query_start_loc=np.concatenate([[0], np.cumsum(counts)]),
+                     num_computed=np.array([r[3] for r in reqs]), num_prompt=np.array([r[4] for r in reqs]),
+                     extra_args=extra.__getitem__)
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Registry:
+    torch.manual_seed(0)
+    net = L2SNet(D, D)
+    arts = {"l2s": SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N,
+                                    steer_layers=[2], context_layer=1, predictor=net),
+            "deep": SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N,
+                                     steer_layers=[1], context_layer=3, predictor=net)}
+    return Registry({k: str(a.save(tmp_path / k)) for k, a in arts.items()}, allow_paths=True)
+
+
+def test_plan_of_a_mixed_step(registry: Registry) -> None:
+    """A prefill of 5 tokens (fixed vector, scope generated: only the last prompt token, whose output is the
+    first generated token's input), a 4-token prefill of an
+    L2S request (read at its last prompt token, written everywhere), a deep L2S prefill (read in the early
+    pass), a decode row, and an unsteered request."""
+    state = WorkerState()
+    inline = {"steer_vector": [1.0] * D, "steer_layers": [2], "scope": "generated"}
+    batch = _batch([("gen", inline, 5, 0, 5), ("l2s", {"steer": "l2s"}, 4, 0, 4), ("deep", {"steer": "deep"}, 3, 0, 3),
+                    ("dec", {"steer_vector": [2.0] * D, "steer_layers": [0, 2]}, 1, 7, 6), ("none", None, 2, 0, 2)])
+    plan = build_plan(state, batch, registry.parse)
+    assert plan is not None
+    assert {layer: [r[:2] for r in reads] for layer, reads in plan.captures.items()} == {1: [(8, "l2s")]}
+    assert {layer: [r[:2] for r in reads] for layer, reads in plan.early.items()} == {3: [(11, "deep")]}
+    written = {layer: {w.rid: list(w.rows) for w in ws} for layer, ws in plan.writes.items()}
+    assert written == {2: {"gen": [4], "l2s": [5, 6, 7, 8], "dec": [12]}, 1: {"deep": [9, 10, 11]}, 0: {"dec": [12]}}
+    assert state.requests["none"] is None and "gen" in state.requests
+    assert build_plan(WorkerState(), _batch([("none", None, 3, 0, 3)]), registry.parse) is None
+
+
+def test_apply_reads_then_writes_and_fails_a_non_finite_request_alone(registry: Registry) -> None:
+    state = WorkerState()
+    big = {"steer_vector": [3e38] * D, "steer_layers": [2], "alpha": 10.0}
+    batch = _batch([("l2s", {"steer": "l2s"}, 3, 0, 3), ("big", big, 2, 0, 2),
+                    ("ok", {"steer_vector": [1.0] * D, "steer_layers": [2], "alpha": 0.5}, 2, 0, 2)])
+    state.plan = build_plan(state, batch, registry.parse)
+    hidden, residual = torch.randn(7, D), torch.randn(7, D)
+    before = residual.clone()
+    apply(state, Sum(hidden, residual), residual, 1)  # the L2S read: nothing written at layer 1
+    assert torch.equal(residual, before)
+    v = state.vectors["l2s"]
+    assert torch.allclose(v, state.predictor(state.requests["l2s"], torch.device("cpu"))(  # type: ignore[arg-type]
+        (hidden[2] + residual[2])[None])[0])
+    apply(state, Sum(hidden, residual), residual, 2)
+    assert torch.allclose(residual[:3], before[:3] + v)
+    assert torch.equal(residual[3:5], before[3:5]), "the overflowing request's rows are left as they were"
+    assert torch.allclose(residual[5:], before[5:] + 0.5)
+    assert set(state.failed) == {"big"} and "not finite" in state.failed["big"]
+    assert torch.isfinite(residual).all()
+
+
+def test_a_predictor_nan_fails_its_request_alone(registry: Registry, monkeypatch) -> None:
+    state = WorkerState()
+    state.plan = build_plan(state, _batch([("a", {"steer": "l2s"}, 2, 0, 2), ("b", {"steer": "l2s"}, 2, 0, 2)]),
+                            registry.parse)
+    monkeypatch.setattr(state, "predictor", lambda req, dev: lambda h: torch.stack([h[0], h[1] * float("nan")]))
+    residual = torch.randn(4, D)
+    apply(state, residual, residual, 1)
+    assert set(state.vectors) == {"a"} and set(state.failed) == {"b"}
+
+
+def test_read_pass_gives_the_steered_pass_untouched_inputs(registry: Registry) -> None:
+    """A layer may update its residual input in place (vLLM's fused add + RMSNorm on GPUs); for a multimodal
+    model that input is the runner's ``inputs_embeds`` buffer. The read pass runs on copies."""
+    state = WorkerState()
+    plan = build_plan(state, _batch([("deep", {"steer": "deep"}, 3, 0, 3)]), registry.parse)
+    assert plan is not None and plan.early
+    embeds = torch.randn(3, D)
+    original = embeds.clone()
+    layers_seen = []
+
+    def forward(*, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = inputs_embeds
+        for layer in range(N):
+            x.mul_(1.5)  # in place, as a fused kernel would
+            layers_seen.append(layer)
+            apply(state, x, x, layer)
+        return x
+
+    read_pass(state, plan, forward, (), {"inputs_embeds": embeds, "positions": torch.arange(3)})
+    assert torch.equal(embeds, original), "the buffer the steered pass reads is unchanged"
+    assert layers_seen == [0, 1, 2, 3] and "deep" in state.vectors  # stopped after L' = 3 (the last layer)
+    assert torch.allclose(state.vectors["deep"], state.predictor(state.requests["deep"], torch.device("cpu"))(  # type: ignore[arg-type]
+        (original[2] * 1.5 ** 4)[None])[0])
+    assert state.plan is None
+
+
+def test_read_pass_that_never_reaches_its_layer_is_an_error(registry: Registry) -> None:
+    state = WorkerState()
+    plan = build_plan(state, _batch([("deep", {"steer": "deep"}, 3, 0, 3)]), registry.parse)
+    assert plan is not None
+    with pytest.raises(RuntimeError, match="without reaching its layer"):
+        read_pass(state, plan, lambda **k: None, (), {})
+    with pytest.raises(ValueError):  # any other error of the forward is the forward's, not swallowed
+        read_pass(state, plan, lambda **k: (_ for _ in ()).throw(ValueError("boom")), (), {})
+    assert issubclass(StopForward, Exception) and isinstance(plan, Plan)
+
+
+def test_finished_requests_leave_nothing_behind(registry: Registry) -> None:
+    """vLLM removes a request: its L2S vector and its inline vectors go (0.3 kept inline vectors forever)."""
+    state = WorkerState()
+    reqs = [(f"r{i}", {"steer_vector": [float(i)] * D, "steer_layers": [2]}, 2, 0, 2) for i in range(5)]
+    reqs.append(("l", {"steer": "l2s"}, 2, 0, 2))
+    state.plan = build_plan(state, _batch(reqs), registry.parse)
+    residual = torch.zeros(12, D)
+    for layer in range(N):
+        apply(state, residual, residual, layer)
+    assert torch.equal(residual[2:4], torch.ones(2, D)), "each inline request adds its own vector"
+    assert state.stored() == 6
+    for rid, *_ in reqs:
+        state.forget(rid)
+    assert state.stored() == 0 and not state.requests and not state.failed
+
+
+def test_artifact_tensors_are_bounded(registry: Registry, tmp_path: Path) -> None:
+    state = WorkerState()
+    for i in range(ARTIFACT_CACHE + 5):
+        state._cached((f"path:{i}", "cpu"), lambda: torch.zeros(1))
+    assert len(state.cache) == ARTIFACT_CACHE and ("path:0", "cpu") not in state.cache
