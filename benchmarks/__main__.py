@@ -34,11 +34,12 @@ from benchmarks.machine import finish, machine_facts
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.evaluation.datasets import demo_requests
+from learn2steer.extraction import extract_to, p2s_batch
 from learn2steer.models.loading import ModelHandle, cache_dir, load_default_model
 from learn2steer.models.prompts import PromptRow, batch_from_texts, build_inputs, forward_kwargs
 from learn2steer.predictor import L2SNet, TrainConfig, fit
 from learn2steer.steering import PredictedVectors
-from learn2steer.vectors import SteeringVector, extract_to, p2s_batch
+from learn2steer.vectors import SteeringVector
 
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
 

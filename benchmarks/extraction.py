@@ -2,7 +2,7 @@
 
 Three variants over the same examples, interleaved, medians of paired ratios:
 
-* ``branched``: what ``extract`` runs now (``vectors.p2s_and_context``: the prompt once, the two short
+* ``branched``: what ``extract`` runs now (``extraction.p2s_and_context``: the prompt once, the two short
   continuations from its cache, the L2S context from the same pass when the contrast adds no suffix,
   else one more pass over the bare question);
 * ``full``: what ``extract`` ran before (two full sequences per example, then a separate context pass);
@@ -28,9 +28,9 @@ import torch
 from benchmarks.common import ratio, timings
 from learn2steer.activations import Site, read
 from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
+from learn2steer.extraction import context_batch, p2s_and_context
 from learn2steer.models.loading import ModelHandle, make_handle
 from learn2steer.models.prompts import PromptRow, build_inputs
-from learn2steer.vectors import context_batch, p2s_and_context
 
 
 def tiny_llava_576(hidden_size: int = 64, num_layers: int = 4) -> ModelHandle:

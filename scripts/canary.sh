@@ -44,8 +44,8 @@ PY
 } | tee "$OUT"
 set +e
 "$VPY" -m pytest -q -p no:cacheprovider -m "not slow and not serve" \
-  tests/test_steering.py tests/test_activations.py tests/test_vectors.py tests/engines/test_hf.py \
-  tests/test_artifacts.py tests/models 2>&1 | tee -a "$OUT" | tail -n 15
+  tests/test_steering.py tests/test_activations.py tests/test_vectors.py tests/test_extraction.py \
+  tests/engines/test_hf.py tests/test_artifacts.py tests/models 2>&1 | tee -a "$OUT" | tail -n 15
 rc=${PIPESTATUS[0]}
 set -e
 [ -n "${L2S_CANARY_VENV:-}" ] || rm -rf "$(dirname "$VENV")"

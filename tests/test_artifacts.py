@@ -14,10 +14,11 @@ from helpers import examples
 from learn2steer.artifacts import SteeringArtifact, validate_config
 from learn2steer.behaviours import load_behaviour
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
+from learn2steer.extraction import extract
 from learn2steer.models.tiny import tiny_model
 from learn2steer.predictor import TrainConfig
 from learn2steer.training import train_artifacts
-from learn2steer.vectors import SteeringVector, extract
+from learn2steer.vectors import SteeringVector
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ from learn2steer.cast import CASTNet, choose_threshold, fit_cast
 from learn2steer.engines import generate_with
 from learn2steer.engines.hf import generate
 from learn2steer.errors import IncompatibleArtifactError
+from learn2steer.extraction import extract
 from learn2steer.methods import METHODS, MethodConfig, config_for
 from learn2steer.models.prompts import PromptRow, build_inputs
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import steer
 from learn2steer.training import train_artifacts
-from learn2steer.vectors import SteeringVector, extract
+from learn2steer.vectors import SteeringVector
 
 
 def test_threshold_and_comparator_are_the_best_separation() -> None:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from learn2steer.distributed import Ranks
-from learn2steer.vectors import shard_metadata
+from learn2steer.extraction import shard_metadata
 
 
 def torchrun(*args: str) -> list[str]:

@@ -8,11 +8,12 @@ from helpers import examples
 
 from learn2steer.behaviours import load_behaviour
 from learn2steer.errors import InvalidInputError
+from learn2steer.extraction import extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, fingerprint, method
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import FixedVectors, PredictedVectors
 from learn2steer.training import train_artifacts
-from learn2steer.vectors import SteeringVector, extract
+from learn2steer.vectors import SteeringVector
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from helpers import examples
 
 from learn2steer.behaviours import load_behaviour
 from learn2steer.errors import InvalidInputError
+from learn2steer.extraction import extract
 from learn2steer.predictor import TrainConfig, choose_gate
 from learn2steer.training import l2s_targets, p2s_vectors, target_scales, train_artifacts
-from learn2steer.vectors import extract
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """learn2steer: input-dependent activation steering (Learn-to-Steer) for Hugging Face LLMs and VLMs.
 
 The public face, by stage of the pipeline (each name lives in the module of its stage):
-models -> activations -> vectors -> predictor -> steering -> artifacts / methods -> engines -> evaluation.
+models -> activations -> vectors -> extraction -> predictor -> steering -> artifacts / methods -> engines -> evaluation.
 
 >>> import learn2steer as l2s
 >>> h = l2s.load_model("default")                                   # doctest: +SKIP
@@ -17,12 +17,13 @@ from learn2steer.cast import CASTNet  # also registers the CAST method, its arti
 from learn2steer.engines import Engine, generate_with
 from learn2steer.engines.hf import HFEngine, generate
 from learn2steer.errors import IncompatibleArtifactError, UserError
+from learn2steer.extraction import Extraction, extract, load_extraction
 from learn2steer.methods import METHODS, Method, MethodConfig, config_for
 from learn2steer.models import Batch, ModelHandle, PromptRow, build_inputs, load_default_model, load_model, make_handle
 from learn2steer.predictor import L2SNet, TrainConfig, TrainResult, fit
 from learn2steer.steering import FixedVectors, PredictedVectors, Scope, VectorProvider, steer
 from learn2steer.training import train_artifacts
-from learn2steer.vectors import Extraction, SteeringVector, extract, load_extraction, mean_vector, norm_random
+from learn2steer.vectors import SteeringVector, mean_vector, norm_random
 
 __all__ = [
     "__version__",
@@ -30,7 +31,7 @@ __all__ = [
     "Batch", "ModelHandle", "PromptRow", "build_inputs", "load_default_model", "load_model", "make_handle",
     # activations
     "Site", "read",
-    # behaviours and vectors
+    # behaviours, vectors and extraction
     "BehaviourSpec", "Example", "Extraction", "SteeringVector", "extract", "load_behaviour", "load_extraction",
     "mean_vector", "norm_random",
     # predictor

@@ -30,9 +30,9 @@ from torch import nn
 from learn2steer.artifacts import PredictorKind, SteeringArtifact, register_predictor
 from learn2steer.behaviours import ZERO
 from learn2steer.errors import IncompatibleArtifactError
+from learn2steer.extraction import Extraction
 from learn2steer.methods import Method, register_method
 from learn2steer.training import register_trainer
-from learn2steer.vectors import Extraction
 
 
 class CASTNet(nn.Module):

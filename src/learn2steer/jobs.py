@@ -18,13 +18,13 @@ from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.errors import InvalidInputError
 from learn2steer.evaluation.datasets import DataOptions
+from learn2steer.extraction import extract_to, load_extraction
 from learn2steer.methods import METHODS, MethodConfig
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.options import as_dict
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import Scope, Strength
 from learn2steer.training import save_artifacts, train_artifacts
-from learn2steer.vectors import extract_to, load_extraction
 
 
 def _need_out(out: Path | None) -> Path:

@@ -19,9 +19,10 @@ from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import PROMPT_PLACEMENTS
 from learn2steer.errors import InvalidInputError
+from learn2steer.extraction import Extraction
 from learn2steer.steering import FixedVectors, Scope, Strength, VectorProvider
 from learn2steer.training import p2s_vectors, target_scales
-from learn2steer.vectors import Extraction, SteeringVector, norm_random
+from learn2steer.vectors import SteeringVector, norm_random
 
 Source = Literal["nothing", "instruction", "artifact", "extraction"]
 

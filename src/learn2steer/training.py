@@ -18,8 +18,9 @@ import torch
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import ZERO
 from learn2steer.errors import InvalidInputError
+from learn2steer.extraction import Extraction
 from learn2steer.predictor import TrainConfig, TrainResult, choose_gate, fit
-from learn2steer.vectors import Extraction, SteeringVector, group_scales, mean_vector, rescale_groups
+from learn2steer.vectors import SteeringVector, group_scales, mean_vector, rescale_groups
 
 Trainer = Callable[[Extraction, int, int, dict[str, Any]], "SteeringArtifact | None"]
 TRAINERS: dict[str, Trainer] = {}

@@ -11,12 +11,13 @@ from learn2steer.behaviours import load_behaviour
 from learn2steer.engines import generate_with
 from learn2steer.engines.hf import HFEngine, generate
 from learn2steer.errors import InvalidInputError
+from learn2steer.extraction import extract
 from learn2steer.methods import MethodConfig
 from learn2steer.models.prompts import PromptRow, build_inputs
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import PredictedVectors, steer
 from learn2steer.training import train_artifacts
-from learn2steer.vectors import SteeringVector, extract
+from learn2steer.vectors import SteeringVector
 
 
 @pytest.fixture(scope="module")

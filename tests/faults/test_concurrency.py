@@ -10,7 +10,7 @@ import time
 
 from helpers import REPO, l2s, run
 
-from learn2steer.vectors import load_extraction
+from learn2steer.extraction import load_extraction
 
 
 def test_second_extractor_is_refused_while_the_first_runs(model_dir, tmp_path) -> None:

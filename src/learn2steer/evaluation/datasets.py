@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 from learn2steer._io import read_json, read_jsonl
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
-from learn2steer.vectors import check_unique_ids
+from learn2steer.extraction import check_unique_ids
 
 MMSB_SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm",
                   "05-EconomicHarm", "06-Fraud", "07-Sex", "08-Political_Lobbying", "09-Privacy_Violence",

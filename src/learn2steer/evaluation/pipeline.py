@@ -36,12 +36,12 @@ from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_g
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
 from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task
+from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, load_model
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import Strength
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
-from learn2steer.vectors import Extraction, extract
 
 
 @dataclass
