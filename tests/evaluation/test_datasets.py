@@ -7,8 +7,11 @@ import json
 import pytest
 from conftest import data_path
 
+from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.datasets import (
+    DATASETS,
+    DataOptions,
     by_ids,
     demo_requests,
     image_split,
@@ -17,6 +20,7 @@ from learn2steer.evaluation.datasets import (
     load_mmsafetybench,
     load_pope,
     namespaced,
+    register_dataset,
     stratified_split,
 )
 
@@ -83,8 +87,36 @@ def test_limits_and_empty_selections() -> None:
     for bad in (0, -3, True):
         with pytest.raises(InvalidInputError, match="--limit"):
             load_dataset("demo", limit=bad)
-    with pytest.raises(InvalidInputError, match="unknown dataset"):
+    with pytest.raises(InvalidInputError, match=r"^unknown dataset 'pope'; use demo, jsonl:FILE, mmsb:ROOT, "
+                                                 r"pope:FILE or chair:IMAGE_DIR$"):
         load_dataset("pope")
+    with pytest.raises(InvalidInputError, match="unknown dataset 'demo:x'"):
+        load_dataset("demo:x")
+
+
+@pytest.fixture
+def dataset_registry():
+    saved = dict(DATASETS)
+    yield DATASETS
+    DATASETS.clear()
+    DATASETS.update(saved)
+
+
+def test_a_registered_dataset_is_found_by_name(dataset_registry) -> None:
+    seen: list[DataOptions] = []
+
+    @register_dataset("letters", arg="WORD")
+    def letters(arg: str, opts: DataOptions) -> list[Example]:
+        seen.append(opts)
+        return [Example(str(i), c, category="letter") for i, c in enumerate(arg)]
+
+    assert [e.question for e in load_dataset("letters:abc", limit=2, tiny=True)] == ["a", "b"]
+    assert seen[0].tiny and seen[0].dataset == "letters:abc", "the loader gets the run's data options"
+    assert [e.question for e in DataOptions(dataset="letters:xy").load()] == ["x", "y"]
+    with pytest.raises(InvalidInputError, match=r"chair:IMAGE_DIR or letters:WORD$"):
+        load_dataset("nope:x")
+    with pytest.raises(InvalidInputError, match="unknown dataset 'letters'"):
+        load_dataset("letters")
 
 
 def test_stratified_split_and_namespaces() -> None:

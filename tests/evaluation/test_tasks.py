@@ -215,3 +215,27 @@ def test_safety_task_reports_its_rule() -> None:
     assert m["scoring_rule"] == "paper" and m["ed_score"] == pytest.approx(75 / 76)
     assert SafetyTask(spec, rule="clean").score(exs, resp).metrics["ed_score"] == 1.0
     assert SafetyTask(spec).score(exs[:10], resp[:10]).metrics["scoring_rule"] == "clean"
+
+
+def test_tasks_are_registered_by_name_and_say_what_a_run_needs() -> None:
+    from learn2steer.evaluation.metrics import ChairEvaluator
+    from learn2steer.evaluation.tasks import TASKS, make_task, task_class
+
+    assert {n: (c.name, c.default_behaviour, c.needs_judge) for n, c in TASKS.items()} == {
+        "safety": ("safety", "safety", True), "pope": ("pope", "hallucination", False),
+        "chair": ("chair", "hallucination", False)}, "the pipeline reads the behaviour and the judge off the class"
+    assert task_class("pope") is PopeTask and isinstance(make_task("pope"), PopeTask)
+    assert set(ChairTask.required_options) == {"chair_gt"} and not SafetyTask.required_options
+    with pytest.raises(InvalidInputError, match=r"^unknown task 'pop'; choose one of safety, pope, chair$"):
+        make_task("pop")
+    with pytest.raises(InvalidInputError, match="behaviour spec"):
+        make_task("safety")
+    with pytest.raises(InvalidInputError, match="--chair-gt"):
+        make_task("chair")
+    chair = ChairTask(ChairEvaluator(gt={}, objects=set(), inverse={}, double={}))
+    assert chair.category_plot([{"chair_s": 0.1}]) is None, "CHAIR has no per-category figure"
+    safety = SafetyTask(load_behaviour("safety"))
+    assert safety.example_group(EXS[0]) == "decline" and PopeTask().example_group(EXS[0]) == EXS[0].category
+    plot = safety.category_plot([safety.score(EXS, RESP).metrics])
+    assert plot is not None and plot.categories == sorted({str(e.category) for e in EXS}) and len(plot.panels) == 1
+    assert plot.panels[0][1]({"per_category": {}}, "06-Fraud") == 0.0, "a category a cell lacks plots as 0"

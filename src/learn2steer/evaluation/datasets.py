@@ -6,6 +6,9 @@ the bundled demo requests, and a generic JSONL (``question``, optional ``image``
 unique (a duplicate would silently swap one example's results for another's), labels are known, image
 paths stay inside their image folder, and an empty selection is an error rather than a run that does
 nothing.
+
+A dataset spec ``kind:ARG`` is looked up in :data:`DATASETS` (``@register_dataset("kind", arg="FILE")`` on a
+function that loads it), so a new format is one registered loader and never an edit of :func:`load_dataset`.
 """
 
 from __future__ import annotations
@@ -213,27 +216,82 @@ def load_chair_images(image_dir: str | Path, *, prompt: str = CHAIR_PROMPT, n: i
     return out
 
 
+_Loader = Callable[[str, DataOptions], list[Example]]  # (ARG of the spec, the run's data options) -> examples
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """A registered dataset format: its name (``kind`` of ``kind:ARG``), what ARG is (None: the spec is the bare
+    name) and the function that loads it from ARG and the run's data options."""
+
+    name: str
+    arg: str | None
+    load: _Loader
+
+    @property
+    def usage(self) -> str:
+        """How the spec is written, e.g. ``pope:FILE``."""
+        return self.name if self.arg is None else f"{self.name}:{self.arg}"
+
+
+DATASETS: dict[str, DatasetKind] = {}
+
+
+def register_dataset(name: str, *, arg: str | None = None) -> Callable[[_Loader], _Loader]:
+    """Decorator: make the loader reachable as the dataset spec ``name:ARG`` (``name`` alone when ``arg`` is
+    None) from ``--dataset``, ``--train-dataset`` and :func:`load_dataset`."""
+    def register(fn: _Loader) -> _Loader:
+        DATASETS[name] = DatasetKind(name, arg, fn)
+        return fn
+    return register
+
+
+@register_dataset("demo")
+def _demo(arg: str, opts: DataOptions) -> list[Example]:
+    return demo_requests()
+
+
+@register_dataset("jsonl", arg="FILE")
+def _jsonl(arg: str, opts: DataOptions) -> list[Example]:
+    return load_jsonl(arg, image_root=opts.image_dir)
+
+
+@register_dataset("mmsb", arg="ROOT")
+def _mmsb(arg: str, opts: DataOptions) -> list[Example]:
+    return load_mmsafetybench(arg, question_field=opts.question_field, images=opts.mmsb_images,
+                              image_root=opts.image_dir, tiny=opts.tiny)
+
+
+@register_dataset("pope", arg="FILE")
+def _pope(arg: str, opts: DataOptions) -> list[Example]:
+    return load_pope(arg, image_dir=opts.image_dir)
+
+
+@register_dataset("chair", arg="IMAGE_DIR")
+def _chair(arg: str, opts: DataOptions) -> list[Example]:
+    return load_chair_images(arg, n=opts.chair_images, seed=opts.chair_seed)
+
+
+def dataset_usage() -> str:
+    """The registered dataset specs as a sentence's list (``demo, jsonl:FILE, ... or chair:IMAGE_DIR``)."""
+    names = [k.usage for k in DATASETS.values()]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = "none",
                  question_field: str | None = None, tiny: bool = False, limit: int | None = None,
                  chair_images: int | None = None, chair_seed: int = 0) -> list[Example]:
-    """Parse a dataset spec: ``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` | ``chair:IMAGE_DIR``."""
+    """Parse a dataset spec ``kind:ARG`` (``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` |
+    ``chair:IMAGE_DIR``, and any registered with :func:`register_dataset`) and load it."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidInputError(f"--limit must be a whole number >= 1 (or left out for all examples), got {limit!r}")
-    kind, _, arg = str(spec).partition(":")
-    if kind == "demo" and not arg:
-        out = demo_requests()
-    elif kind == "jsonl" and arg:
-        out = load_jsonl(arg, image_root=image_dir)
-    elif kind == "mmsb" and arg:
-        out = load_mmsafetybench(arg, question_field=question_field, images=mmsb_images, image_root=image_dir,
-                                 tiny=tiny)
-    elif kind == "pope" and arg:
-        out = load_pope(arg, image_dir=image_dir)
-    elif kind == "chair" and arg:
-        out = load_chair_images(arg, n=chair_images, seed=chair_seed)
-    else:
-        raise InvalidInputError(f"unknown dataset {spec!r}; use demo, jsonl:FILE, mmsb:ROOT, pope:FILE or "
-                                "chair:IMAGE_DIR")
+    name, _, arg = str(spec).partition(":")
+    kind = DATASETS.get(name)
+    if kind is None or (kind.arg is None) != (not arg):
+        raise InvalidInputError(f"unknown dataset {spec!r}; use {dataset_usage()}")
+    opts = DataOptions(dataset=str(spec), image_dir=image_dir, mmsb_images=mmsb_images,
+                       question_field=question_field, tiny=tiny, chair_images=chair_images, chair_seed=chair_seed)
+    out = kind.load(arg, opts)
     out = out[:limit] if limit else out
     if not out:
         raise InvalidInputError(f"dataset {spec!r} has no examples")

@@ -35,7 +35,7 @@ from learn2steer.evaluation.datasets import (
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
-from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task
+from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task, task_class
 from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, load_model
@@ -130,9 +130,9 @@ class EvalConfig(DataOptions):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
         if self.safety_rule not in SAFETY_RULES:
             raise InvalidInputError(f"safety_rule must be one of {', '.join(SAFETY_RULES)}, got {self.safety_rule!r}")
-        if self.task == "chair" and not self.chair_gt:
-            raise InvalidInputError("task chair needs --chair-gt (e.g. ../shared/data/chair/coco2014_chair_gt_"
-                                    "objects.json.gz)")
+        for option, why in TASKS[self.task].required_options.items():
+            if not getattr(self, option):
+                raise InvalidInputError(why)
 
 
 @dataclass
@@ -283,8 +283,9 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with FolderLock(out, "evaluation", name=f".lock-rank{job.rank}"):
-        spec = load_behaviour(cfg.behaviour or {"safety": "safety"}.get(cfg.task, "hallucination"))
-        judge = make_judge(cfg.judge, api_key=cfg.judge_api_key) if cfg.task == "safety" else None
+        kind = task_class(cfg.task)
+        spec = load_behaviour(cfg.behaviour or kind.default_behaviour)
+        judge = make_judge(cfg.judge, api_key=cfg.judge_api_key) if kind.needs_judge else None
         task = make_task(cfg.task, spec=spec, judge=CachedJudge(judge, out / "judge_cache.jsonl") if judge else None,
                          chair_gt=cfg.chair_gt, chair_synonyms=cfg.chair_synonyms, safety_rule=cfg.safety_rule)
         skipped = [m for m in cfg.methods if not task.admits(METHODS[m])]

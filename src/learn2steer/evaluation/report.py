@@ -1,19 +1,21 @@
 """What a run shows: the table (``table.md``), plots (PNG) and ``report.md`` linking them.
 
-The plots a user reaches for first: every headline figure against alpha (one line per method and
-layer), and the per-category picture (safety: the desired behaviour's rate per category, steered vs
-unsteered; POPE: accuracy and F1 per split) for each method.
+The plots a user reaches for first: the task's figures against alpha (one line per method and layer), and
+the task's per-category picture (safety: the desired behaviour's rate per category, steered vs unsteered;
+POPE: accuracy and F1 per split) for each method. What to plot is asked of the task
+(:meth:`~learn2steer.evaluation.tasks.Task.plot_metrics`, :meth:`~learn2steer.evaluation.tasks.Task.category_plot`),
+never decided here by the task's class: a registered task is reported without an edit of this module.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from learn2steer.behaviours import Example
 from learn2steer.evaluation.grid import REFERENCE, CellResult
-from learn2steer.evaluation.tasks import PopeTask, SafetyTask, Task
+from learn2steer.evaluation.tasks import Task
 
 
 def _fmt(v: Any, percent: bool) -> str:
@@ -95,34 +97,13 @@ def best_per_method(records: Sequence[dict[str, Any]], task: Task) -> list[dict[
 
 
 def plot_categories(records: Sequence[dict[str, Any]], task: Task, path: str | Path) -> Path | None:
-    """Safety: the desired behaviour's rate per category (refusal for decline, ED for defer, answered for the
-    rest), one bar per method; POPE: accuracy and F1 per split. None for tasks without categories."""
+    """The task's per-category figure (:meth:`Task.category_plot`), one bar per method (its best cell); None
+    for tasks without one."""
     rows = best_per_method(records, task)
-    panels: list[tuple[str, Callable[[dict[str, Any], str], float]]]
-    if isinstance(task, SafetyTask):
-        cats = sorted({c for r in rows for c in r["metrics"].get("per_category", {})})
-        if not cats:
-            return None
-
-        def desired(r: dict[str, Any], c: str) -> float:
-            d = r["metrics"]["per_category"].get(c, {})
-            g = task.spec.group(c)
-            v = d.get("refusal_rate") if g == "decline" else d.get("ed_rate") if g == "defer" else (
-                1 - d["refusal_rate"] if d.get("refusal_rate") is not None else None)
-            return float(v) if v is not None and v == v else 0.0
-
-        panels = [("desired behaviour rate (decline: refused, defer: ED, other: answered)", desired)]
-        xs = cats
-    elif isinstance(task, PopeTask):
-        xs = sorted({s for r in rows for s in r["metrics"].get("per_split", {})})
-        if not xs:
-            return None
-        def split_metric(name: str) -> Callable[[dict[str, Any], str], float]:
-            return lambda r, s: float(r["metrics"]["per_split"].get(s, {}).get(name, 0.0))
-
-        panels = [(m, split_metric(m)) for m in ("accuracy", "f1")]
-    else:
+    plot = task.category_plot([r["metrics"] for r in rows])
+    if plot is None:
         return None
+    xs, panels = plot.categories, plot.panels
     plt = _plt()
     width_in = min(16.0, max(7.0, 0.13 * len(xs) * max(1, len(rows)) + 2))
     fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.6 * len(panels) + 1.2), squeeze=False)
@@ -130,8 +111,9 @@ def plot_categories(records: Sequence[dict[str, Any]], task: Task, path: str | P
     for ax, (title, fn) in zip(axes[:, 0], panels):
         for k, r in enumerate(rows):
             label = r["method"] if r["layer"] is None else f"{r['method']} (L{r['layer']}, a{r['alpha']:g})"
-            ax.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(xs))], [fn(r, x) for x in xs], width,
-                   label=label, hatch="//" if r["method"] == REFERENCE else None)
+            ax.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(xs))],
+                   [fn(r["metrics"], x) for x in xs], width, label=label,
+                   hatch="//" if r["method"] == REFERENCE else None)
         ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=9)
@@ -153,11 +135,11 @@ def write_report(out: str | Path, *, title: str, intro: str, task: Task, results
     table = markdown_table(records, task)
     (out / "table.md").write_text(f"# {title}\n\n{table}")
     plots = [p for p in (plot_vs_alpha(records, task, m, out / "plots" / f"{m}.png")
-                         for m in (task.headline(records[0]["metrics"]) if records else {})) if p is not None]
+                         for m in (task.plot_metrics(records[0]["metrics"]) if records else [])) if p is not None]
     cat = plot_categories(records, task, out / "plots" / "per_category.png")
     lines = [f"# {title}", "", intro, "", "## Results", "", table, ""]
     if cat is not None:
-        lines += ["## Per category" if isinstance(task, SafetyTask) else "## Per split", "",
+        lines += [f"## {task.categories_title}", "",
                   f"![per category]({cat.relative_to(out).as_posix()})", ""]
     lines += list(sections)
     if plots:
@@ -171,8 +153,7 @@ def write_report(out: str | Path, *, title: str, intro: str, task: Task, results
 def _examples(task: Task, results: Sequence[CellResult], examples: Sequence[Example]) -> list[str]:
     picks: dict[str, int] = {}
     for i, e in enumerate(examples):
-        key = task.spec.group(e.category) if isinstance(task, SafetyTask) else str(e.category)
-        picks.setdefault(key, i)
+        picks.setdefault(task.example_group(e), i)
     lines = []
     for key, i in list(picks.items())[:4]:
         lines += [f"### {key}: {examples[i].question}", ""]

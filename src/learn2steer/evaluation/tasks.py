@@ -14,6 +14,10 @@ order, by default the paper's exact rows (``paper``, quirk included, see :data:`
 MM-SafetyBench answers the scenarios the figures are meant for (``clean``); on other data every response for
 E[Unsafe] and the behaviour's defer groups for the ED-score (``all``).
 
+Tasks are found by name in :data:`TASKS` (``@register_task("name")`` on the class), and everything the pipeline
+and the report need to know about a benchmark is asked of its task (behaviour, judge, required options, plots,
+example groups), so a new benchmark is one registered class and never an edit of the pipeline or the report.
+
 The functions ``score_*_file`` score answers a user already has, with every mismatch an error.
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from learn2steer._io import read_jsonl
 from learn2steer.behaviours import BehaviourSpec, Example
@@ -51,13 +55,48 @@ class Scores:
     per_example: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TaskInputs:
+    """Everything a task may be built from: one signature for every registered task, each taking what it uses."""
+
+    spec: BehaviourSpec | None = None
+    judge: Judge | None = None
+    chair_gt: str | Path | None = None
+    chair_synonyms: str | Path | None = None
+    safety_rule: str = "auto"
+
+
+# One panel of the per-category figure: its title, and a cell's value at one category (from the cell's metrics).
+Panel = tuple[str, Callable[[Mapping[str, Any], str], float]]
+
+
+@dataclass(frozen=True)
+class CategoryPlot:
+    """What the per-category figure shows: the categories along x and its panels (one row of bars each)."""
+
+    categories: list[str]
+    panels: list[Panel]
+
+
 class Task:
-    """A benchmark: scoring, headline figures and the methods that make sense for it."""
+    """A benchmark: scoring, headline figures and the methods that make sense for it.
+
+    The class attributes are read before a task is built (the pipeline needs the behaviour and the judge to
+    build one), so they are class-level; register a subclass with :func:`register_task`.
+    """
 
     name: ClassVar[str] = ""
-    default_behaviour: ClassVar[str] = ""
+    default_behaviour: ClassVar[str] = ""          # the behaviour spec a run steers towards when none is given
+    needs_judge: ClassVar[bool] = False           # answers are judged (the pipeline builds --judge only then)
+    required_options: ClassVar[Mapping[str, str]] = {}  # run option -> the sentence shown when it is missing
     default_split: ClassVar[str] = "category"     # how train/test are split when one dataset is given
     not_percent: ClassVar[tuple[str, ...]] = ()  # headline figures shown as numbers, not percentages
+    categories_title: ClassVar[str] = "Per category"  # the report's heading above the per-category figure
+
+    @classmethod
+    def build(cls, inputs: TaskInputs) -> Task:
+        """The task made from ``inputs`` (a task that needs nothing is built as it is)."""
+        return cls()
 
     def admits(self, m: Method) -> bool:
         """Whether the task can run ``m`` (e.g. P2S needs a per-input contrast)."""
@@ -75,6 +114,39 @@ class Task:
     def objective(self, metrics: Mapping[str, Any], base: Mapping[str, Any]) -> float:
         """Higher is better; used to choose layer and alpha on validation data (``base``: no steering)."""
         raise NotImplementedError
+
+    def plot_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
+        """The figures the report plots against alpha: every headline figure unless a task says otherwise."""
+        return list(self.headline(metrics))
+
+    def category_plot(self, metrics: Sequence[Mapping[str, Any]]) -> CategoryPlot | None:
+        """The per-category figure of the cells with ``metrics`` (one best cell per method); None: no figure."""
+        return None
+
+    def example_group(self, example: Example) -> str:
+        """The group an example stands for in the report's example generations (one example shown per group)."""
+        return str(example.category)
+
+
+TASKS: dict[str, type[Task]] = {}
+_T = TypeVar("_T", bound=Task)
+
+
+def register_task(name: str) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: make the task findable by ``name`` (``l2s eval --task name``, :func:`make_task`)."""
+    def register(cls: type[_T]) -> type[_T]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+    return register
+
+
+def task_class(name: str) -> type[Task]:
+    """The registered task ``name``; an unknown name is a clear error listing the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InvalidInputError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
 
 
 def _above(p: float | None, t: float) -> bool | None:
@@ -153,11 +225,12 @@ def safety_rows(categories: Sequence[str | None], rule: str = "auto",
                       "E[Unsafe] over every response, ED-score over the consultation (defer) inputs")
 
 
+@register_task("safety")
 class SafetyTask(Task):
     """Decline harmful requests, defer consultations to an expert, leave the rest alone."""
 
-    name = "safety"
     default_behaviour = "safety"
+    needs_judge = True
     not_percent = ("quality",)
 
     def __init__(self, spec: BehaviourSpec, judge: Judge | None = None, rule: str = "auto") -> None:
@@ -169,6 +242,13 @@ class SafetyTask(Task):
         self.spec = spec
         self.judge: Judge = judge or KeywordJudge()
         self.rule = rule
+
+    @classmethod
+    def build(cls, inputs: TaskInputs) -> Task:
+        """The safety task of the behaviour spec, judge and scoring rule in ``inputs``."""
+        if inputs.spec is None:
+            raise InvalidInputError("the safety task needs a behaviour spec")
+        return cls(inputs.spec, inputs.judge, inputs.safety_rule)
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
@@ -226,6 +306,25 @@ class SafetyTask(Task):
         ed = metrics["ed_score"] if metrics["ed_score"] == metrics["ed_score"] else 0.0
         return (1 - metrics["unsafe_rate"]) + ed + metrics.get("benign_unchanged_rate", 0.0)
 
+    def category_plot(self, metrics: Sequence[Mapping[str, Any]]) -> CategoryPlot | None:
+        """The desired behaviour's rate per category: refusal for decline, ED for defer, answered for the rest."""
+        cats = sorted({c for m in metrics for c in m.get("per_category", {})})
+        if not cats:
+            return None
+
+        def desired(m: Mapping[str, Any], c: str) -> float:
+            d = m["per_category"].get(c, {})
+            g = self.spec.group(c)
+            v = d.get("refusal_rate") if g == "decline" else d.get("ed_rate") if g == "defer" else (
+                1 - d["refusal_rate"] if d.get("refusal_rate") is not None else None)
+            return float(v) if v is not None and v == v else 0.0
+
+        return CategoryPlot(cats, [("desired behaviour rate (decline: refused, defer: ED, other: answered)", desired)])
+
+    def example_group(self, example: Example) -> str:
+        """The behaviour's group (decline / defer / other): the report shows one answer of each."""
+        return self.spec.group(example.category)
+
 
 def _per_category(examples: Sequence[Example], responses: Sequence[str], refused: Sequence[bool],
                   degenerate: Sequence[bool], probs: Sequence[float | None] | None) -> dict[str, dict[str, float]]:
@@ -243,12 +342,13 @@ def _per_category(examples: Sequence[Example], responses: Sequence[str], refused
     return out
 
 
+@register_task("pope")
 class PopeTask(Task):
     """POPE: object existence questions; metrics overall and per split (adversarial / popular / random)."""
 
-    name = "pope"
     default_behaviour = "hallucination"
     default_split = "image"
+    categories_title = "Per split"
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
@@ -275,15 +375,35 @@ class PopeTask(Task):
         """Accuracy."""
         return float(metrics["accuracy"])
 
+    def category_plot(self, metrics: Sequence[Mapping[str, Any]]) -> CategoryPlot | None:
+        """Accuracy and F1 per split."""
+        splits = sorted({s for m in metrics for s in m.get("per_split", {})})
+        if not splits:
+            return None
 
+        def split_metric(name: str) -> Callable[[Mapping[str, Any], str], float]:
+            return lambda m, s: float(m["per_split"].get(s, {}).get(name, 0.0))
+
+        return CategoryPlot(splits, [(k, split_metric(k)) for k in ("accuracy", "f1")])
+
+
+@register_task("chair")
 class ChairTask(Task):
     """CHAIR: object hallucination in image captions."""
 
-    name = "chair"
     default_behaviour = "hallucination"
+    required_options = {"chair_gt": "task chair needs --chair-gt (e.g. ../shared/data/chair/coco2014_chair_gt_"
+                                    "objects.json.gz)"}
 
     def __init__(self, evaluator: ChairEvaluator) -> None:
         self.evaluator = evaluator
+
+    @classmethod
+    def build(cls, inputs: TaskInputs) -> Task:
+        """The CHAIR task scored against the ground-truth objects (and synonyms) in ``inputs``."""
+        if inputs.chair_gt is None:
+            raise InvalidInputError("task chair needs the ground-truth objects file (--chair-gt)")
+        return cls(ChairEvaluator.from_files(inputs.chair_gt, inputs.chair_synonyms))
 
     def admits(self, m: Method) -> bool:
         """Every method but the per-input ones (P2S and Norm-Rnd need a per-image contrast)."""
@@ -306,24 +426,12 @@ class ChairTask(Task):
         return -float(metrics["chair_s"])
 
 
-TASKS = ("safety", "pope", "chair")
-
-
 def make_task(name: str, *, spec: BehaviourSpec | None = None, judge: Judge | None = None,
               chair_gt: str | Path | None = None, chair_synonyms: str | Path | None = None,
               safety_rule: str = "auto") -> Task:
-    """Build the task ``name`` with what it needs (a behaviour spec, judge and scoring rule; CHAIR ground truth)."""
-    if name == "safety":
-        if spec is None:
-            raise InvalidInputError("the safety task needs a behaviour spec")
-        return SafetyTask(spec, judge, safety_rule)
-    if name == "pope":
-        return PopeTask()
-    if name == "chair":
-        if chair_gt is None:
-            raise InvalidInputError("task chair needs the ground-truth objects file (--chair-gt)")
-        return ChairTask(ChairEvaluator.from_files(chair_gt, chair_synonyms))
-    raise InvalidInputError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    """Build the registered task ``name`` with what it needs (a behaviour spec, judge and scoring rule; CHAIR
+    ground truth)."""
+    return task_class(name).build(TaskInputs(spec, judge, chair_gt, chair_synonyms, safety_rule))
 
 
 # ---- scoring answers users already have ------------------------------------------------------------------
