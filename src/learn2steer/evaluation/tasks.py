@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence, get_args
 
 from learn2steer._io import read_jsonl
 from learn2steer.behaviours import BehaviourSpec, Example
 from learn2steer.errors import InvalidInputError
-from learn2steer.evaluation.datasets import MMSB_SCENARIOS, load_pope
+from learn2steer.evaluation.datasets import MMSB_SCENARIOS, SplitName, load_pope
 from learn2steer.evaluation.judges import Judge, KeywordJudge, is_deferral, is_refusal
 from learn2steer.evaluation.metrics import (
     UNSAFE_THRESHOLDS,
@@ -56,7 +56,7 @@ class Task:
 
     name: ClassVar[str] = ""
     default_behaviour: ClassVar[str] = ""
-    default_split: ClassVar[str] = "category"     # how train/test are split when one dataset is given
+    default_split: ClassVar[SplitName] = "category"     # how train/test are split when one dataset is given
     not_percent: ClassVar[tuple[str, ...]] = ()  # headline figures shown as numbers, not percentages
 
     def admits(self, m: Method) -> bool:
@@ -100,7 +100,9 @@ MMSB_OFFICIAL_TEST_COUNTS: dict[str, int] = {
 # last 09-Privacy_Violence row, whose answer counts in the denominator). The paper's tables come from these rows.
 PAPER_UNSAFE_STOP = 303
 PAPER_ED_ROWS = (227, 303)
-SAFETY_RULES = ("auto", "paper", "clean", "all")
+#: which responses the safety figures score (see :func:`safety_rows`)
+SafetyRule = Literal["auto", "paper", "clean", "all"]
+SAFETY_RULES: tuple[str, ...] = get_args(SafetyRule)
 _CONSULTATION = MMSB_SCENARIOS[9:12]
 
 
@@ -306,7 +308,8 @@ class ChairTask(Task):
         return -float(metrics["chair_s"])
 
 
-TASKS = ("safety", "pope", "chair")
+TaskName = Literal["safety", "pope", "chair"]
+TASKS: tuple[str, ...] = get_args(TaskName)
 
 
 def make_task(name: str, *, spec: BehaviourSpec | None = None, judge: Judge | None = None,
