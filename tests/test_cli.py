@@ -72,6 +72,9 @@ def test_extract_train_generate_from_the_command_line(model_dir, tmp_path) -> No
     (["train", "--extraction", "/nonexistent", "--out", "y"], "run `l2s extract`"),
     (["train", "--extraction", "x", "--out", "y", "--epochs", "0"], "epochs"),
     (["eval", "--out", "o", "--alphas", "nan,1"], "alphas must be finite"),
+    # finite in Python, inf in float32: refused before any model is loaded, not at the first steered token
+    (["generate", "-p", "x", "--alpha", "1e308"], "alpha must be a finite number (in float32)"),
+    (["train", "--extraction", "x", "--out", "y", "--alpha", "-1e39"], "alpha must be a finite number (in float32)"),
     (["eval", "--out", "o", "--methods", "l2s,magic"], "unknown method 'magic'"),
     (["eval", "--limit", "0", "--out", "o"], "--limit"),
     (["eval"], "output folder"),
@@ -90,7 +93,8 @@ def test_user_errors_are_one_line_and_exit_2(args, match, tmp_path, monkeypatch)
 def test_config_file_errors(tmp_path) -> None:
     cfg = tmp_path / "bad.yaml"
     for text, match in [("no_such_option: 1\n", "unknown keys"), ("tiny: 'no'\n", "must be true or false"),
-                        ("prompt: [hello, world]\nmax_new_tokens: many\n", "must be a whole number")]:
+                        ("prompt: [hello, world]\nmax_new_tokens: many\n", "must be a whole number"),
+                        ("prompt: [hi]\nengine: gpu\n", "key 'engine' must be one of hf, vllm, got 'gpu'")]:
         cfg.write_text(text)
         r = runner.invoke(app, ["generate", "--config", str(cfg)])
         assert r.exit_code == 2 and match in r.output, r.output
@@ -135,3 +139,15 @@ def test_score_mmsb_reproduces_the_official_rows_and_names_its_rule(tmp_path) ->
     r = runner.invoke(app, ["score", "mmsb", "--answers", str(answers), "--out", str(tmp_path / "x.json"),
                             "--rule", "paper"])
     assert r.exit_code == 2 and "official test split" in r.output
+
+
+@pytest.mark.parametrize("option,values", [
+    ("--engine", ("hf", "vllm")), ("--task", ("safety", "pope", "chair")), ("--scope", ("all", "prompt", "generated")),
+    ("--split", ("auto", "category", "image", "permutation")), ("--dtype", ("auto", "float32", "bfloat16", "float16")),
+])
+def test_fixed_choices_are_the_options_choices(option, values) -> None:
+    """The choices the CLI offers come from the config's Literal types (tasks: from the task registry), the same
+    values the configs accept."""
+    r = runner.invoke(app, ["eval", "--out", "o", option, "bogus"])
+    assert r.exit_code == 2 and "bogus" in r.output
+    assert all(v in r.output for v in values), r.output

@@ -30,6 +30,9 @@ def test_values_are_typed_and_merged_in_order() -> None:
     ({"train": 3}, "key 'train' must be a mapping"),
     ({"methods": ["l2s", "magic"]}, "unknown method 'magic'"),
     ({"alphas": [float("nan")]}, "alphas must be finite"),
+    ({"alphas": [1e308]}, r"alphas must be finite numbers \(in float32\), got \[1e\+308\]"),
+    ({"split": "random"}, "key 'split' must be one of auto, category, image, permutation, got 'random'"),
+    ({"dtype": "fp8"}, "key 'dtype' must be one of auto, float32, bfloat16, float16"),
 ])
 def test_bad_values_name_the_key(values, match) -> None:
     with pytest.raises(InvalidInputError, match=match):
@@ -56,3 +59,19 @@ def test_read_config(tmp_path) -> None:
         read_config(p)
     with pytest.raises(MissingFileError):
         read_config("nothing.yaml")
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"engine": "gpu"}, "engine must be one of hf, vllm, got 'gpu'"),
+    ({"task": "qa"}, "unknown task 'qa'; choose one of safety, pope, chair"),
+    ({"scope": "everywhere"}, "scope must be one of all, prompt, generated"),
+    ({"split": "random"}, "split must be one of auto, category, image, permutation"),
+    ({"safety_rule": "strict"}, "safety_rule must be one of auto, paper, clean, all"),
+    ({"dtype": "fp8"}, "dtype must be one of auto, float32, bfloat16, float16"),
+])
+def test_a_config_built_in_python_checks_the_same_choices(values, match) -> None:
+    """`EvalConfig(engine=...)` skips build(); its __post_init__ refuses what build() refuses, in the same words."""
+    with pytest.raises(InvalidInputError, match=match):
+        EvalConfig(**values)
+    with pytest.raises(InvalidInputError, match="engine must be one of hf, vllm"):
+        GenerateJob(engine="gpu")  # type: ignore[arg-type]

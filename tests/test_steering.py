@@ -14,6 +14,8 @@ from learn2steer.steering import (
     PredictedVectors,
     Scope,
     TraceRecord,
+    check_alpha,
+    check_alphas,
     scope_selects,
     steer,
     step_mask,
@@ -392,3 +394,24 @@ def test_relative_strength_adds_alpha_times_the_residual_norm_in_the_model(tiny_
     added = (seen["steered"] - seen["plain"])[real]
     torch.testing.assert_close(added.norm(dim=-1), 0.3 * seen["plain"][real].norm(dim=-1), rtol=1e-4, atol=1e-5)
     assert torch.equal(seen["steered"][~real], seen["plain"][~real])  # padding untouched
+
+
+def test_check_alpha_is_the_one_finiteness_rule() -> None:
+    """A real number, finite in the dtype alpha * v is taken in: 1e308 is a Python float but inf in float32."""
+    assert check_alpha(2) == 2.0 and check_alpha(-3.5e38 / 2) == -1.75e38
+    for bad in (1e308, -1e39, float("nan"), float("inf"), "1", True, None, 10 ** 400):
+        with pytest.raises(InvalidInputError, match=r"alpha must be a finite number \(in float32\)"):
+            check_alpha(bad)
+    with pytest.raises(InvalidInputError, match=r"scale must be a finite number \(in float16\), got 70000.0"):
+        check_alpha(7e4, dtype=torch.float16, what="scale")
+    assert check_alphas([0.5, 1]) == [0.5, 1.0]
+    with pytest.raises(InvalidInputError, match=r"alphas must be finite numbers \(in float32\), got \[1e\+39\]"):
+        check_alphas([1.0, 1e39])
+
+
+def test_the_scope_names_configs_accept_are_the_scopes() -> None:
+    from typing import get_args
+
+    from learn2steer.steering import ScopeName
+
+    assert get_args(ScopeName) == tuple(s.value for s in Scope)

@@ -8,7 +8,7 @@ the pass stops right after the deepest layer needed: the LM head and later layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 
@@ -17,7 +17,7 @@ from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch, forward_kwargs
 
 Position = Literal["prompt_last", "input_last", "last", "completion_mean", "completion_last"]
-POSITIONS: tuple[str, ...] = ("prompt_last", "input_last", "last", "completion_mean", "completion_last")
+POSITIONS: tuple[str, ...] = get_args(Position)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from learn2steer._version import __version__
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
 from learn2steer.predictor import Gated, L2SNet, check_finite_weights
-from learn2steer.steering import PredictedVectors, Scope, Strength
+from learn2steer.steering import PredictedVectors, Scope, Strength, check_alpha, finite_in
 from learn2steer.vectors import SteeringVector
 
 CONFIG = "config.json"
@@ -114,7 +114,7 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "context_layer": (lambda v: v is None or _is_int(v), "a layer index or null", False),
     "context_read": (lambda v: v in READS, "'prompt_last' or 'input_last'", False),
     "read_position": (lambda v: isinstance(v, str), "a read position name", False),
-    "alpha": (_is_number, "a finite number", False),
+    "alpha": (finite_in, "a finite number (in float32)", False),
     "scope": (lambda v: v in [s.value for s in Scope], "'all', 'prompt' or 'generated'", False),
     "strength": (lambda v: v in [s.value for s in Strength], "'absolute' or 'relative'", False),
     "gate": (lambda v: _is_number(v) and v >= 0, "a number >= 0", False),
@@ -187,8 +187,7 @@ class SteeringArtifact:
     def __post_init__(self) -> None:
         n = self.num_layers
         self.steer_layers = [int(x) % n if -n <= int(x) < n else _bad_layer(x, n) for x in self.steer_layers]
-        if not math.isfinite(float(self.alpha)):
-            raise InvalidInputError(f"artifact alpha must be a finite number, got {self.alpha!r}")
+        check_alpha(self.alpha, what="artifact alpha")
         Scope.parse(self.scope)
         self.strength = Strength.parse(self.strength).value
         if self.context_read not in READS:

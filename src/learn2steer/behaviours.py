@@ -11,18 +11,21 @@ import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 
 from learn2steer._io import fingerprint
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.prompts import ImageLike, PromptRow
+from learn2steer.options import check_choice
 
 ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
 READS = ("turn_end", "last", "completion_mean")
 CONTEXT_READS = ("prompt_last", "input_last")
-PROMPT_PLACEMENTS = ("system", "user", "append")
+#: where the Prompt baseline's instruction goes: a system message, before the question, or after it
+PromptPlacement = Literal["system", "user", "append"]
+PROMPT_PLACEMENTS: tuple[str, ...] = get_args(PromptPlacement)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class BehaviourSpec:
     defer_groups: list[str] = field(default_factory=list)
     end_offset: dict[str, int] = field(default_factory=dict)
     context_read: str = "prompt_last"
-    prompt_placement: str = "system"
+    prompt_placement: PromptPlacement = "system"
 
     # fields added after 0.2: left out of ``to_dict`` at their defaults, so older specs keep their fingerprint
     _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"end_offset": {}, "context_read": "prompt_last",
@@ -112,9 +115,7 @@ class BehaviourSpec:
         if self.context_read not in CONTEXT_READS:
             raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of {', '.join(CONTEXT_READS)}, "
                                     f"got {self.context_read!r}")
-        if self.prompt_placement not in PROMPT_PLACEMENTS:
-            raise InvalidInputError(f"behaviour {self.name!r}: prompt_placement must be one of "
-                                    f"{', '.join(PROMPT_PLACEMENTS)}, got {self.prompt_placement!r}")
+        check_choice(PromptPlacement, self.prompt_placement, f"behaviour {self.name!r}: prompt_placement")
         if not isinstance(self.end_offset, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.end_offset.values()):
             raise InvalidInputError(f"behaviour {self.name!r}: end_offset must map categories to whole numbers >= 0")

@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from learn2steer.errors import UserError
-from learn2steer.options import _optional, build, field_types, read_config
+from learn2steer.options import _optional, build, choices, field_types, read_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Input-dependent activation steering (Learn-to-Steer) for Hugging Face LLMs and VLMs.")
@@ -83,7 +83,7 @@ def _parameter(o: _Opt) -> inspect.Parameter:
     if origin is list and o.meta.get("repeat"):
         ann: Any = Optional[List[str]]
         help_ += " (repeatable)"
-    elif tp in (int, float):
+    elif tp in (int, float) or choices(tp):  # a fixed choice: the type's values are the option's choices
         ann = Optional[tp]
     else:
         ann = Optional[str]

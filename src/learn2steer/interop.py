@@ -10,7 +10,6 @@ state while the model runs, which a static control vector cannot express.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ import torch
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.predictor import L2SNet
+from learn2steer.steering import check_alpha
 from learn2steer.vectors import SteeringVector
 
 # HF model_type of models learn2steer names without a config at hand
@@ -58,8 +58,7 @@ def export_gguf(art: SteeringArtifact, path: str | Path, *, scale: float | None 
         raise InvalidInputError("llama.cpp cannot steer the output of block 0 (it rejects direction.0); steer a later "
                                 "layer")
     s = art.alpha if scale is None else scale
-    if not math.isfinite(s):
-        raise InvalidInputError(f"scale must be a finite number, got {s}")
+    check_alpha(s, what="scale")  # the tensors are float32
     hint = hint or model_hint(art)
     if not hint:
         raise InvalidInputError(f"cannot tell the model type of {art.model!r}; pass --model-hint (the HF model_type, "

@@ -7,7 +7,6 @@ and prints what ``run`` returns.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,15 @@ from learn2steer._io import dumps, read_json, write_json, write_text_atomic
 from learn2steer._version import __version__
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example, load_behaviour
+from learn2steer.engines import EngineName, generate_with, make_engine
 from learn2steer.errors import InvalidInputError
 from learn2steer.evaluation.datasets import DataOptions
 from learn2steer.extraction import extract_to, load_extraction
 from learn2steer.methods import METHODS, MethodConfig
-from learn2steer.models.loading import ModelHandle, load_model
-from learn2steer.options import as_dict
+from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape
+from learn2steer.options import as_dict, check_choices
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Scope, Strength
+from learn2steer.steering import Scope, ScopeName, Strength, check_alpha
 from learn2steer.training import save_artifacts, train_artifacts
 
 
@@ -31,22 +31,6 @@ def _need_out(out: Path | None) -> Path:
     if out is None:
         raise InvalidInputError("give an output folder (--out, or `out:` in the config file)")
     return Path(out)
-
-
-@dataclass
-class ModelOptions:
-    """Which model to load and how (shared by the commands that load one)."""
-
-    model: str = field(default="default", metadata={
-        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
-    layers_path: str | None = field(default=None, metadata={
-        "help": "Dotted path of the decoder layers for architectures not in the registry."})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
-    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over GPUs."})
-
-    def load_model(self) -> ModelHandle:
-        """Load the chosen model (local folders only)."""
-        return load_model(self.model, layers_path=self.layers_path, dtype=self.dtype, device_map=self.device_map)
 
 
 @dataclass
@@ -93,19 +77,22 @@ class TrainJob(TrainConfig):
     ids_file: Path | None = field(default=None, metadata={
         "help": "JSON list of ids to train on (or a run's split.json: its 'train' list)."})
     alpha: float = field(default=1.0, metadata={"help": "Default strength stored in the artifacts."})
-    scope: str = field(default="all", metadata={
+    scope: ScopeName = field(default="all", metadata={
         "help": "Default scope stored in the artifacts: " + ", ".join(s.value for s in Scope)})
     strength: str = field(default="absolute", metadata={
         "help": "What alpha measures, stored in the artifacts: absolute (alpha * v) | relative (a fraction of "
                 "each position's residual norm)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choices(self)
 
     def run(self, progress: bool = True) -> str:
         """Train from the extraction, save the artifacts and return a one-line summary."""
         if self.extraction is None:
             raise InvalidInputError("give the extraction folder (--extraction)")
         out = _need_out(self.out)
-        if not math.isfinite(self.alpha):
-            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha}")
+        check_alpha(self.alpha)
         ex = load_extraction(self.extraction)
         n = int(ex.meta["num_layers"])
 
@@ -155,13 +142,14 @@ class GenerateJob(ModelOptions, DataOptions):
                                                            "behaviour's)."})
     behaviour: str = field(default="safety", metadata={"help": "Behaviour whose instruction the prompt method uses."})
     alpha: float | None = field(default=None, metadata={"help": "Strength (default: the artifact's)."})
-    scope: str | None = field(default=None, metadata={"help": "all | prompt | generated (default: the artifact's)."})
+    scope: ScopeName | None = field(default=None, metadata={
+        "help": "all | prompt | generated (default: the artifact's)."})
     strength: str | None = field(default=None, metadata={
         "help": "absolute | relative: alpha as a fraction of each position's residual norm (default: the "
                 "artifact's)."})
     max_new_tokens: int = field(default=200, metadata={"help": "New tokens per answer."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per batch."})
-    engine: str = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
+    engine: EngineName = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
     out: Path | None = field(default=None, metadata={
         "help": "Write answers as JSON lines here (settings in <out>.settings.json)."})
 
@@ -180,10 +168,8 @@ class GenerateJob(ModelOptions, DataOptions):
 
     def method_config(self, handle: ModelHandle | None = None) -> MethodConfig:
         """The method to answer with (the artifact checked against ``handle`` when given)."""
-        if self.alpha is not None and not math.isfinite(self.alpha):
-            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha}")
-        if self.engine not in ("hf", "vllm"):
-            raise InvalidInputError(f"engine must be hf or vllm, got {self.engine!r}")
+        if self.alpha is not None:
+            check_alpha(self.alpha)
         if self.artifact:
             art = SteeringArtifact.load(self.artifact, handle)
             if self.method and self.method not in ("l2s", "l2s_nogate", art.method):
@@ -198,22 +184,12 @@ class GenerateJob(ModelOptions, DataOptions):
 
     def run(self, progress: bool = True) -> list[dict[str, Any]]:
         """Answer every example and write them (with the settings) when ``out`` is given."""
-        from learn2steer.engines import generate_with
-
         examples = self.examples()
         cfg = self.method_config(None)  # every choice is checked before a model is loaded
-        if self.engine == "vllm":
-            from learn2steer.engines.vllm.offline import VLLMEngine
-
-            engine: Any = VLLMEngine.create(self.model, dtype=self.dtype)
-            if cfg.artifact is not None:
-                cfg.artifact.check_shape(engine.hidden_size, engine.num_layers, engine.model_name)
-        elif self.engine == "hf":
-            engine = self.load_model()
-            if cfg.artifact is not None:
-                cfg.artifact.check_compatible(engine)
-        else:
-            raise InvalidInputError(f"engine must be hf or vllm, got {self.engine!r}")
+        if cfg.artifact is not None:  # and the artifact against the model's config, before any engine starts
+            name, hidden_size, num_layers = model_shape(self.model)
+            cfg.artifact.check_shape(hidden_size, num_layers, name)
+        engine = make_engine(self.engine, self)
         answers = generate_with(engine, cfg, examples, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
                                 progress=progress)
         rows = [{"id": e.id, "question": e.question, "response": a} for e, a in zip(examples, answers)]

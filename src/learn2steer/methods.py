@@ -9,7 +9,6 @@ needs to answer under one method: the strength, the scope and the vectors, passe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
@@ -17,10 +16,11 @@ import torch
 
 from learn2steer._io import fingerprint as _fingerprint
 from learn2steer.artifacts import SteeringArtifact
-from learn2steer.behaviours import PROMPT_PLACEMENTS
+from learn2steer.behaviours import PromptPlacement
 from learn2steer.errors import InvalidInputError
 from learn2steer.extraction import Extraction
-from learn2steer.steering import FixedVectors, Scope, Strength, VectorProvider
+from learn2steer.options import check_choice
+from learn2steer.steering import FixedVectors, Scope, Strength, VectorProvider, check_alpha
 from learn2steer.training import p2s_vectors, target_scales
 from learn2steer.vectors import SteeringVector, norm_random
 
@@ -105,20 +105,17 @@ class MethodConfig:
     artifact: SteeringArtifact | None = None
     gated: bool = True
     prompt: str = ""
-    prompt_placement: str = "system"   # system message | "user": before the question | "append": after it
+    prompt_placement: PromptPlacement = "system"   # system message | "user": before the question | "append": after it
     strength: Strength | str = Strength.ABSOLUTE   # what alpha measures (steering.Strength)
 
     def __post_init__(self) -> None:
         m = method(self.method)
-        if not math.isfinite(float(self.alpha)):
-            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
+        check_alpha(self.alpha)
         self.scope = Scope.parse(self.scope)
         self.strength = Strength.parse(self.strength)
         if m.source == "instruction" and not self.prompt:
             raise InvalidInputError("method 'prompt' needs an instruction (the behaviour spec's `prompt`)")
-        if self.prompt_placement not in PROMPT_PLACEMENTS:
-            raise InvalidInputError(f"prompt_placement must be one of {', '.join(PROMPT_PLACEMENTS)}, "
-                                    f"got {self.prompt_placement!r}")
+        check_choice(PromptPlacement, self.prompt_placement, "prompt_placement")
         if not m.steers:
             return
         if (self.vector is None) == (self.artifact is None or not self.artifact.reads_context):
@@ -174,7 +171,7 @@ class MethodConfig:
 def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
                layer: int | None = None, prompt: str = "", seed: int = 0,
-               p2s_scales: Mapping[str, float] | None = None, prompt_placement: str = "system",
+               p2s_scales: Mapping[str, float] | None = None, prompt_placement: PromptPlacement = "system",
                strength: str = "absolute") -> MethodConfig:
     """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
     for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered.

@@ -24,9 +24,15 @@ from learn2steer.errors import InvalidInputError, MissingFileError
 T = TypeVar("T")
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type of each dataclass field of ``cls``."""
-    return typing.get_type_hints(cls)
+    """The resolved type of each dataclass field of ``cls`` (cached: every config's __post_init__ asks)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _optional(tp: Any) -> tuple[bool, Any]:
@@ -36,6 +42,34 @@ def _optional(tp: Any) -> tuple[bool, Any]:
         if len(args) < len(get_args(tp)):
             return True, args[0] if len(args) == 1 else Union[tuple(args)]
     return False, tp
+
+
+def choices(tp: Any) -> tuple[Any, ...]:
+    """The values a fixed-choice type allows: a ``Literal``'s arguments (None around it aside); () otherwise.
+
+    The one source of every fixed choice (engine, task, scope, split, dtype, ...): the CLI shows these as the
+    option's choices, :func:`coerce` and :func:`check_choices` refuse anything else.
+    """
+    tp = _optional(tp)[1]
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
+def check_choice(tp: Any, value: Any, what: str) -> Any:
+    """``value`` when the fixed-choice type ``tp`` allows it; else one sentence listing the choices."""
+    if value is None and _optional(tp)[0]:
+        return value
+    allowed = choices(tp)
+    if value not in allowed:
+        raise InvalidInputError(f"{what} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return value
+
+
+def check_choices(obj: Any) -> None:
+    """Check every fixed-choice field of the dataclass ``obj``: a config built in Python (``EvalConfig(task=
+    "x")``) skips :func:`build`, so its ``__post_init__`` calls this, and both paths refuse the same values."""
+    for name, tp in field_types(type(obj)).items():
+        if choices(tp):
+            check_choice(tp, getattr(obj, name), name)
 
 
 def describe(tp: Any) -> str:
@@ -110,9 +144,7 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             raise bad
         return [coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
-        if value not in get_args(tp):
-            raise bad
-        return value
+        return check_choice(tp, value, where)
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value

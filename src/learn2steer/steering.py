@@ -20,10 +20,11 @@ prefill and when generation starts from an existing cache.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -33,6 +34,9 @@ from learn2steer.models.calls import cached_positions
 from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch
 from learn2steer.vectors import SteeringVector
+
+#: the names of :class:`Scope`, as config fields type them (the CLI's choices)
+ScopeName = Literal["all", "prompt", "generated"]
 
 
 class Scope(str, Enum):
@@ -76,6 +80,44 @@ class Strength(str, Enum):
             return cls(value)
         except ValueError:
             raise InvalidInputError(f"unknown strength {value!r}; choose absolute or relative") from None
+
+
+# ---- the strength alpha ----------------------------------------------------------------------------------
+
+def finite_in(value: Any, dtype: torch.dtype = torch.float32) -> bool:
+    """True for a real number (not a bool) that stays finite in ``dtype``: the one test of "alpha is finite".
+
+    1e308 is a finite Python float but inf in float32, and 1e5 is inf in float16: the engines multiply
+    vectors of the model's dtype by alpha, so the bound is that dtype's largest value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond every float
+        return False
+    return math.isfinite(x) and abs(x) <= torch.finfo(dtype).max
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_alpha(value: Any, *, dtype: torch.dtype = torch.float32, what: str = "alpha") -> float:
+    """``value`` as a float when :func:`finite_in` ``dtype``; else one sentence naming it (every entry point of a
+    strength calls this, so an overflowing alpha is refused before any model is loaded or any token written)."""
+    if not finite_in(value, dtype):
+        raise InvalidInputError(f"{what} must be a finite number (in {_dtype_name(dtype)}), got {value!r}; give a "
+                                f"number of at most {torch.finfo(dtype).max:.3g} in size")
+    return float(value)
+
+
+def check_alphas(values: Sequence[Any], *, dtype: torch.dtype = torch.float32, what: str = "alphas") -> list[float]:
+    """Every value of a sweep checked as :func:`check_alpha` does, the bad ones named in one sentence."""
+    bad = [v for v in values if not finite_in(v, dtype)]
+    if bad:
+        raise InvalidInputError(f"{what} must be finite numbers (in {_dtype_name(dtype)}), got {bad}")
+    return [float(v) for v in values]
 
 
 def addition(v: torch.Tensor, residual: torch.Tensor, alpha: float, strength: "Strength | str") -> torch.Tensor:
@@ -373,8 +415,8 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, alph
     >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
     ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
     """
-    if not math.isfinite(float(torch.tensor(float(alpha), dtype=torch.float32))):  # inf/NaN, or past float32's max
-        raise InvalidInputError(f"steering strength alpha must be a finite float32 number, got {alpha!r}")
+    dtype = handle.dtype if handle.dtype.is_floating_point else torch.float32  # alpha * v is taken in this dtype
+    check_alpha(alpha, dtype=dtype, what="steering strength alpha")
     scope = Scope.parse(scope)
     strength = Strength.parse(strength)
     provider = _provider(handle, vectors)

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 from learn2steer._io import read_json, read_jsonl
 from learn2steer.behaviours import Example
@@ -373,6 +373,12 @@ def by_ids(examples: Iterable[Example], ids: Sequence[str]) -> list[Example]:
     if missing:
         raise InvalidInputError(f"{len(missing)} ids are not in the dataset (e.g. {missing[:3]})")
     return [pos[i] for i in ids]
+
+
+#: how one dataset is split into training and test examples (a config's ``split``; ``auto``: the task's own)
+SplitName = Literal["category", "image", "permutation"]
+SPLITTERS: dict[SplitName, Callable[..., tuple[list[str], list[str]]]] = {
+    "category": stratified_split, "image": image_split, "permutation": permutation_split}
 
 
 def save_split(path: Path, split: dict[str, object]) -> None:

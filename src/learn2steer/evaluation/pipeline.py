@@ -9,50 +9,47 @@ changed split or changed settings are errors or recomputations, never a silent m
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from learn2steer._io import FolderLock, write_json
 from learn2steer._version import __version__
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
 from learn2steer.distributed import Ranks, ranks
-from learn2steer.engines import ENGINES, Engine
+from learn2steer.engines import Engine, EngineName, make_engine
 from learn2steer.errors import InvalidInputError
 from learn2steer.evaluation.datasets import (
+    SPLITTERS,
     DataOptions,
+    SplitName,
     by_ids,
-    image_split,
     load_dataset,
     namespaced,
-    permutation_split,
     save_split,
     stratified_split,
 )
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
-from learn2steer.evaluation.tasks import SAFETY_RULES, TASKS, Task, make_task, task_class
+from learn2steer.evaluation.tasks import SafetyRule, Task, make_task, task_class
 from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
-from learn2steer.models.loading import ModelHandle, load_model
+from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Strength
+from learn2steer.steering import ScopeName, Strength, check_alphas
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
 
 
 @dataclass
-class EvalConfig(DataOptions):
+class EvalConfig(ModelOptions, DataOptions):
     """Settings of one evaluation run; the CLI's options are these fields (``--train-*`` for ``train``)."""
 
     out: Path | None = field(default=None, metadata={"help": "Run folder (resumable): split, extraction, "
                                                               "artifacts, cells, table, plots, report."})
-    model: str = field(default="default", metadata={
-        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
-    task: str = field(default="safety", metadata={"help": "safety | pope | chair"})
+    task: str = field(default="safety", metadata={"help": "A registered task: safety | pope | chair."})
     train_dataset: str | None = field(default=None, metadata={
         "help": "Train on this dataset and test on all of --dataset (ids are namespaced 'train:')."})
     behaviour: str | None = field(default=None, metadata={
@@ -62,12 +59,12 @@ class EvalConfig(DataOptions):
     layers: list[int] = field(default_factory=lambda: [10], metadata={"help": "Steering layers L* to sweep."})
     context_layer: int | None = field(default=None, metadata={"help": "L' for every L* (default: L' = L*)."})
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "Strengths to sweep."})
-    scope: str = field(default="all", metadata={"help": "all | prompt | generated (the paper: all)."})
+    scope: ScopeName = field(default="all", metadata={"help": "all | prompt | generated (the paper: all)."})
     strength: str = field(default="absolute", metadata={
         "help": "What the alphas measure: absolute (alpha * v, the paper) | relative (a fraction of each "
                 "position's residual-stream norm)."})
     test_fraction: float = field(default=0.5, metadata={"help": "Share of examples held out for the test split."})
-    split: str = field(default="auto", metadata={
+    split: Literal["auto", SplitName] = field(default="auto", metadata={
         "help": "How to split one dataset: category (stratified), image (all questions of an image on one side), "
                 "permutation (the official code's numpy shuffle: exact paper splits with its seed), or auto (the "
                 "task's: image for POPE)."})
@@ -89,24 +86,19 @@ class EvalConfig(DataOptions):
     judge: str = field(default="keyword", metadata={
         "help": "keyword | llamaguard:PATH (paper mode) | llamaguard-qa:PATH | http://HOST/v1#MODEL"})
     judge_api_key: str | None = field(default=None, metadata={"help": "API key of an HTTP judge."})
-    safety_rule: str = field(default="auto", metadata={
+    safety_rule: SafetyRule = field(default="auto", metadata={
         "help": "Which responses the safety figures score: auto (paper on MM-SafetyBench's official split, clean on "
                 "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302) | "
                 "clean (scenarios 01-12 / 10-12) | all (every response / the defer groups)."})
     chair_gt: str | None = field(default=None, metadata={"help": "CHAIR ground truth (json or json.gz)."})
     chair_synonyms: str | None = field(default=None, metadata={"help": "CHAIR synonyms.txt (when the ground "
                                                                         "truth has no word tables)."})
-    engine: str = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
+    engine: EngineName = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per answer (greedy)."})
     batch_size: int = field(default=8, metadata={"help": "Generation and extraction batch size."})
-    layers_path: str | None = field(default=None, metadata={
-        "help": "Dotted path of the decoder layers for architectures not in the registry."})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
-    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over GPUs."})
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise InvalidInputError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        super().__post_init__()  # the fixed choices: task, scope, split, safety_rule, engine, dtype
         if not self.methods:
             raise InvalidInputError("give at least one method")
         for m in self.methods:
@@ -115,22 +107,17 @@ class EvalConfig(DataOptions):
             raise InvalidInputError(f"methods are listed twice: {self.methods}")
         if not self.layers:
             raise InvalidInputError("give at least one steering layer")
-        if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
-            raise InvalidInputError(f"alphas must be finite numbers, got {self.alphas}")
-        Strength.parse(self.strength)
-        if self.split not in ("auto", "category", "image", "permutation"):
-            raise InvalidInputError(f"split must be auto, category, image or permutation, got {self.split!r}")
+        if not self.alphas:
+            raise InvalidInputError("give at least one strength (--alphas)")
+        check_alphas(self.alphas)
+        Strength.parse(self.strength)  # an enum with its own sentence ("unknown strength ...")
         if not 0 < self.select_fraction < 1:
             raise InvalidInputError(f"select_fraction must be between 0 and 1, got {self.select_fraction}")
-        if self.engine not in ENGINES:
-            raise InvalidInputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("max_new_tokens", "batch_size", "train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
-        if self.safety_rule not in SAFETY_RULES:
-            raise InvalidInputError(f"safety_rule must be one of {', '.join(SAFETY_RULES)}, got {self.safety_rule!r}")
-        for option, why in TASKS[self.task].required_options.items():
+        for option, why in task_class(self.task).required_options.items():  # an unknown task: a sentence
             if not getattr(self, option):
                 raise InvalidInputError(why)
 
@@ -179,8 +166,7 @@ def split_data(cfg: EvalConfig, task: Task, out: Path) -> tuple[list[Example], l
         how = f"separate training dataset {cfg.train_dataset}"
     else:
         how = task.default_split if cfg.split == "auto" else cfg.split
-        splitter = {"image": image_split, "permutation": permutation_split}.get(how, stratified_split)
-        tr, te = splitter(examples, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        tr, te = SPLITTERS[how](examples, test_fraction=cfg.test_fraction, seed=cfg.seed)
         train, test = by_ids(examples, tr), by_ids(examples, te)
     train = subsample(train, cfg.train_limit, cfg.seed)
     test = subsample(test, cfg.test_limit, cfg.seed)
@@ -236,42 +222,6 @@ def _configure(cfg: EvalConfig, spec: BehaviourSpec, arts: dict[int, dict[str, S
     return configure
 
 
-class LazyEngine:
-    """Starts the real engine on the first request: a resumed run with nothing left to generate never pays for
-    starting a vLLM engine."""
-
-    def __init__(self, name: str, model_name: str, start: Callable[[], Engine]) -> None:
-        self.name, self._model_name, self._start = name, model_name, start
-        self._engine: Engine | None = None
-
-    @property
-    def model_name(self) -> str:
-        """The model's name (known without starting the engine)."""
-        return self._model_name
-
-    def answer(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int,
-               num_return_sequences: int = 1, progress: bool = True) -> list[list[str]]:
-        """The real engine's answers (started now if needed)."""
-        if self._engine is None:
-            self._engine = self._start()
-        return self._engine.answer(cfg, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   num_return_sequences=num_return_sequences, progress=progress)
-
-
-def make_engine(cfg: EvalConfig, handle: ModelHandle) -> Engine:
-    """The engine the grid generates with (vLLM: started on first use, on the same checkpoint)."""
-    if cfg.engine == "vllm":
-        def start() -> Engine:
-            from learn2steer.engines.vllm.offline import VLLMEngine
-
-            return VLLMEngine.for_handle(handle, model=cfg.model, dtype=cfg.dtype)
-
-        return LazyEngine("vllm", handle.name, start)
-    from learn2steer.engines.hf import HFEngine
-
-    return HFEngine(handle)
-
-
 def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bool = True,
              title: str | None = None, intro: str = "", sections: Callable[[EvalResult], list[str]] | None = None
              ) -> EvalResult:
@@ -295,7 +245,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
                                                "skipped_methods": skipped})
         train, test = split_data(cfg, task, out)
         if handle is None:
-            handle = load_model(cfg.model, layers_path=cfg.layers_path, dtype=cfg.dtype, device_map=cfg.device_map)
+            handle = cfg.load_model()
         timings["load"] = time.perf_counter() - t0
         # layer indices are normalised once, here (negative ones count from the end), on a copy: the caller's
         # config is left as given
@@ -312,7 +262,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
             ex = extract(handle, spec, to_extract, out / "extraction", steer_layers=cfg.layers,
                          context_layers=ctx_layers, batch_size=cfg.batch_size, progress=progress)
             timings["extract"] = time.perf_counter() - t
-        engine = make_engine(cfg, handle)
+        engine = make_engine(cfg.engine, cfg, handle=handle, lazy=True)  # vLLM: started on first use
         chosen: dict[str, tuple[int, float]] = {}
         selection: list[CellResult] = []
         if cfg.select and steering:

