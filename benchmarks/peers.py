@@ -54,6 +54,16 @@ TIMED = [("vanilla", "plain"), ("vanilla_eager", "plain"), ("learn2steer", "plai
          ("learn2steer", "l2s"), ("hotwire", "fixed"), ("vllm-lens", "fixed")]
 
 
+#: why hotwire's fixed-vector tokens differ from learn2steer's (and vllm-lens's), seen with HOTWIRE_DEBUG=1
+HOTWIRE_TOKENS = (
+    "hotwire 0.1.2 on vLLM's V1 model runner (the only runner on CPU) fills its per-token slot map at the start "
+    "of execute_model from runner.input_batch, before vLLM adds this step's new requests to it: a step in which "
+    "requests join (their prefill) is left unsteered, so the prompt and the first generated token are "
+    "unsteered, and steps after the batch changes are steered by a stale map (its debug log: 'req ... not in "
+    "num_scheduled_tokens; step unsteered'). learn2steer and vllm-lens add the vector at every position "
+    "(scope all). tokens_vs_unsteered shows hotwire's first tokens equal to unsteered vLLM's. On GPUs vLLM 0.32 "
+    "picks the V2 runner, which hotwire hooks differently (add_requests / prepare_inputs); not testable here.")
+
 MIN_FREE_GIB = 3.0  # one engine (front end + engine core + worker, 1 GiB KV cache) takes about 2.5 GiB
 
 
@@ -361,6 +371,7 @@ def _ratios(per_batch: dict[int, dict[str, list[float]]], batches: tuple[int, ..
 def _token_report(tokens: dict[str, dict[int, list[list[int]]]], batches: tuple[int, ...]) -> dict[str, Any]:
     """Fixed-vector tokens of each peer against learn2steer's; unsteered engines against vanilla."""
     pairs = [("hotwire/fixed", "learn2steer/fixed"), ("vllm-lens/fixed", "learn2steer/fixed"),
+             ("hotwire/fixed", "vanilla/plain"),  # its first token: unsteered (see HOTWIRE_TOKENS)
              ("learn2steer/plain", "vanilla/plain"), ("vanilla_eager/plain", "vanilla/plain"),
              ("learn2steer/fixed", "vanilla/plain"), ("learn2steer/l2s", "vanilla/plain")]
     out: dict[str, Any] = {}
@@ -409,7 +420,10 @@ def bench_nnsight(objs: dict[str, Any], *, reps: int, batches: tuple[int, ...], 
                     v = net(layers[CONTEXT_LAYER].output[:, -1, :].float())[:, None, :] * ALPHA
                 else:
                     v = (vec * ALPHA)[None, None, :]
-                for _ in tracer.all():  # every step: the prefill and each generated token
+                # every step: the prefill and each generated token (min_new_tokens holds the run to exactly
+                # new_tokens forward calls; an open `tracer.all()` loop would end the trace at its last step
+                # and skip what follows it, as nnsight 0.8 warns)
+                for _ in tracer.iter[:new_tokens]:
                     layers[LAYER].output = layers[LAYER].output + v
                 out = tracer.result.save()
             return out[:, batch.seq_len:].tolist()
@@ -453,6 +467,12 @@ def _summary(vl: dict[str, Any] | None, nn: dict[str, Any] | None, batches: tupl
                                       f"{name} vs learn2steer/fixed, batch {b}")}
         if err or not entry:
             entry["error"] = err or "no measurement"
+        if peer == "hotwire-vllm" and vl is not None and not err:
+            entry["tokens_differ_because"] = HOTWIRE_TOKENS
+            for b in batches:
+                key = f"hotwire/fixed vs vanilla/plain, batch {b}"
+                if f"b{b}" in entry and key in vl["tokens_equal"]:
+                    entry[f"b{b}"]["tokens_vs_unsteered"] = vl["tokens_equal"][key]
         if peer == "hotwire-vllm" and vl is not None:
             entry["as_shipped"] = vl["probes"].get("probe_hotwire_as_shipped")
             entry["armed_with_its_triton_kernel"] = vl["probes"].get("probe_hotwire_armed")
