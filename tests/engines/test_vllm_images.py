@@ -142,7 +142,7 @@ def test_mixed_batch_with_images_equals_hf(tiny, coco_images) -> None:
 def test_image_salt_never_shares_steered_blocks_across_images(tiny, coco_images) -> None:
     """Same text, two images, L2S: a full block of text precedes the image, so only the cache salt can tell
     the two prompts' steered blocks apart (L2S's vector, and so every steered position, depends on the image)."""
-    from learn2steer.engines.vllm.offline import image_token_id
+    from learn2steer.models.prompts import image_token_id
 
     arch, _, handle, engine, cfgs = tiny
     l2s = cfgs["l2s"]

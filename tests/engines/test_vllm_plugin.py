@@ -15,6 +15,7 @@ from learn2steer import SteeringArtifact
 from learn2steer.engines.vllm import plugin
 from learn2steer.engines.vllm.protocol import READ_BACK, Registry
 from learn2steer.errors import InvalidInputError
+from learn2steer.models.prompts import generation_prompt_ids
 from learn2steer.predictor import L2SNet
 
 
@@ -60,4 +61,4 @@ def test_each_front_end_finds_its_own_generation_prompt(last) -> None:
 
 def test_a_template_without_generation_prompt_is_a_sentence() -> None:
     with pytest.raises(InvalidInputError, match="does not append a generation prompt"):
-        plugin.generation_prompt_ids(_Tokenizer(""))
+        generation_prompt_ids(_Tokenizer(""))

@@ -61,7 +61,8 @@ def test_tiny_model_defaults_are_unchanged() -> None:
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 def test_vllm_image_prompts_are_unexpanded(arch, synthetic_images) -> None:
     """The offline vLLM engine sends the HF ids with the expanded image run collapsed to one placeholder."""
-    from learn2steer.engines.vllm.offline import VLLMEngine, collapse_image_tokens, image_token_id
+    from learn2steer.engines.vllm.offline import VLLMEngine
+    from learn2steer.models.prompts import collapse_image_tokens, image_token_id
 
     h = tiny_model(arch)
     engine = VLLMEngine(None, h, h.name, h.hidden_size, h.num_layers)  # prompts only: no vLLM needed

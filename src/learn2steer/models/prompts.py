@@ -255,3 +255,51 @@ def batch_from_texts(handle: ModelHandle, texts: Sequence[str], *, device: torch
     batch = Batch.of_prompts(collate(handle, enc)[0])
     batch.rows = [PromptRow(t) for t in texts]
     return batch.to(device if device is not None else handle.device)
+
+
+# ---- prompts for engines that take them unexpanded or check their ending (vLLM) --------------------------
+
+def image_token_id(handle: Any) -> int:
+    """The token an image placeholder expands into (``<image>`` for LLaVA, ``<|image_pad|>`` for Qwen2-VL)."""
+    proc = handle.processor
+    if proc is None or not hasattr(proc, "image_processor"):
+        raise InvalidInputError(f"{handle.name or 'the model'} is a text-only model; it takes no images")
+    tid = getattr(proc, "image_token_id", None)
+    if tid is None and getattr(proc, "image_token", None) is not None:
+        tid = handle.tokenizer.convert_tokens_to_ids(proc.image_token)
+    if not isinstance(tid, int) or tid == handle.tokenizer.unk_token_id:
+        raise InvalidInputError(f"the processor of {handle.name or 'the model'} names no image token; the vLLM engine "
+                                "cannot send its image prompts (use --engine hf)")
+    return tid
+
+
+def collapse_image_tokens(ids: Sequence[int], image_token: int, images: int = 1) -> list[int]:
+    """``ids`` with each run of ``image_token`` (one expanded image) reduced to a single placeholder token."""
+    out: list[int] = []
+    runs = 0
+    for t in ids:
+        if t == image_token and out and out[-1] == image_token:
+            continue
+        runs += t == image_token
+        out.append(t)
+    if runs != images:
+        raise InvalidInputError(f"expected {images} image in the rendered prompt, found {runs} runs of image tokens "
+                                "(does the text itself contain the image placeholder?)")
+    return out
+
+
+def generation_prompt_ids(tokenizer: Any) -> list[int]:
+    """The token ids the chat template appends as generation prompt (``<|im_start|>assistant\\n``, ...).
+
+    Found by rendering one user turn with and without it; the difference must be a textual suffix.
+    """
+    msgs = [{"role": "user", "content": "Hello"}]
+    try:
+        bare = tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+        full = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # no chat template, or one that refuses a lone user turn
+        raise InvalidInputError(f"the 'input_last' read needs the model's chat template, which failed: {e}") from None
+    if not isinstance(bare, str) or not isinstance(full, str) or not full.startswith(bare) or full == bare:
+        raise InvalidInputError("the model's chat template does not append a generation prompt to the user turn; "
+                                "the 'input_last' read position cannot be located (use the HF engine)")
+    return list(tokenizer.encode(full[len(bare):], add_special_tokens=False))

@@ -25,7 +25,7 @@ from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, ch
 from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
 from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path, template_handle
-from learn2steer.models.prompts import PromptRow, encode_row
+from learn2steer.models.prompts import PromptRow, collapse_image_tokens, encode_row, image_token_id
 from learn2steer.models.prompts import _load_image as load_image  # the HF engine's image loading (RGB)
 from learn2steer.steering import FixedVectors, Scope, Strength
 
@@ -206,32 +206,3 @@ class VLLMEngine:
                         progress=progress)
         tok = self.templates.tokenizer
         return [[tok.decode(list(o.token_ids), skip_special_tokens=True).strip() for o in out.outputs] for out in outs]
-
-
-def image_token_id(handle: Any) -> int:
-    """The token an image placeholder expands into (``<image>`` for LLaVA, ``<|image_pad|>`` for Qwen2-VL)."""
-    proc = handle.processor
-    if proc is None or not hasattr(proc, "image_processor"):
-        raise InvalidInputError(f"{handle.name or 'the model'} is a text-only model; it takes no images")
-    tid = getattr(proc, "image_token_id", None)
-    if tid is None and getattr(proc, "image_token", None) is not None:
-        tid = handle.tokenizer.convert_tokens_to_ids(proc.image_token)
-    if not isinstance(tid, int) or tid == handle.tokenizer.unk_token_id:
-        raise InvalidInputError(f"the processor of {handle.name or 'the model'} names no image token; the vLLM engine "
-                                "cannot send its image prompts (use --engine hf)")
-    return tid
-
-
-def collapse_image_tokens(ids: Sequence[int], image_token: int, images: int = 1) -> list[int]:
-    """``ids`` with each run of ``image_token`` (one expanded image) reduced to a single placeholder token."""
-    out: list[int] = []
-    runs = 0
-    for t in ids:
-        if t == image_token and out and out[-1] == image_token:
-            continue
-        runs += t == image_token
-        out.append(t)
-    if runs != images:
-        raise InvalidInputError(f"expected {images} image in the rendered prompt, found {runs} runs of image tokens "
-                                "(does the text itself contain the image placeholder?)")
-    return out

@@ -64,6 +64,7 @@ from learn2steer.engines.vllm.protocol import (
     check_request,
 )
 from learn2steer.errors import InvalidInputError
+from learn2steer.models.prompts import generation_prompt_ids
 
 __all__ = ["ENV_TRACE", "decoder_layers", "register", "registry", "steering_enabled", "stored_vectors"]
 
@@ -228,23 +229,6 @@ def _patch_front_end(version: str) -> None:
 
     InputProcessor.process_inputs = process_inputs
     _patch_beam_search(VLLMValidationError)
-
-
-def generation_prompt_ids(tokenizer: Any) -> list[int]:
-    """The token ids the chat template appends as generation prompt (``<|im_start|>assistant\\n``, ...).
-
-    Found by rendering one user turn with and without it; the difference must be a textual suffix.
-    """
-    msgs = [{"role": "user", "content": "Hello"}]
-    try:
-        bare = tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
-        full = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # no chat template, or one that refuses a lone user turn
-        raise InvalidInputError(f"the 'input_last' read needs the model's chat template, which failed: {e}") from None
-    if not isinstance(bare, str) or not isinstance(full, str) or not full.startswith(bare) or full == bare:
-        raise InvalidInputError("the model's chat template does not append a generation prompt to the user turn; "
-                                "the 'input_last' read position cannot be located (use the HF engine)")
-    return list(tokenizer.encode(full[len(bare):], add_special_tokens=False))
 
 
 def _prepare_read(processor: Any, ecr: Any, sp: Any, extra: dict[str, Any]) -> None:
