@@ -24,7 +24,7 @@ import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 
@@ -39,7 +39,23 @@ from learn2steer.vectors import SteeringVector
 ScopeName = Literal["all", "prompt", "generated"]
 
 
-class Scope(str, Enum):
+_N = TypeVar("_N", bound="_Named")
+
+
+class _Named(str, Enum):
+    """A fixed set of names: ``parse`` turns a name into a member, an unknown name into one sentence that
+    lists the valid ones (the enum's own ``ValueError`` names no choice)."""
+
+    @classmethod
+    def parse(cls: type[_N], value: Any) -> _N:
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise InvalidInputError(f"unknown {cls.__name__.lower()} {value!r}; choose one of {names}") from None
+
+
+class Scope(_Named):
     """Which positions a steering write touches.
 
     ``all``: every position, prompt and generated (the paper's setting).
@@ -52,16 +68,8 @@ class Scope(str, Enum):
     PROMPT = "prompt"
     GENERATED = "generated"
 
-    @classmethod
-    def parse(cls, value: "Scope | str") -> "Scope":
-        """A scope from its name; an unknown name is one sentence listing the valid ones."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidInputError(f"unknown scope {value!r}; choose one of all, prompt, generated") from None
 
-
-class Strength(str, Enum):
+class Strength(_Named):
     """What alpha measures.
 
     ``absolute``: the added vector is ``alpha * v`` (the paper's setting, and the default).
@@ -72,14 +80,6 @@ class Strength(str, Enum):
 
     ABSOLUTE = "absolute"
     RELATIVE = "relative"
-
-    @classmethod
-    def parse(cls, value: "Strength | str") -> "Strength":
-        """A strength mode from its name; an unknown name is one sentence listing the valid ones."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidInputError(f"unknown strength {value!r}; choose absolute or relative") from None
 
 
 # ---- the strength alpha ----------------------------------------------------------------------------------
