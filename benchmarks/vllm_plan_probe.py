@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from learn2steer.artifacts import SteeringArtifact
+from learn2steer.engines.requests import Registry
 from learn2steer.engines.vllm import plugin
-from learn2steer.engines.vllm.protocol import Registry
 from learn2steer.predictor import L2SNet
 
 D, LAYERS, L_STAR, BATCH, PROMPT, STEPS = 576, 30, 12, 16, 40, 128

@@ -99,7 +99,8 @@ def test_cast_steers_exactly_the_inputs_whose_condition_holds(cast_arts, tiny_ll
 
 def test_the_vllm_protocol_reads_a_cast_artifact_like_any_predictor(tmp_path) -> None:
     """The engine asks the capability (reads_context), not the kind's name: a CAST artifact is read like L2S."""
-    from learn2steer.engines.vllm.protocol import EngineLimits, Registry, check_request
+    from learn2steer.engines.requests import Registry
+    from learn2steer.engines.vllm.protocol import EngineLimits, check_request
 
     d, n = 16, 6
     cast = SteeringArtifact(kind="cast", method="cast", model="tiny", hidden_size=d, num_layers=n, steer_layers=[3],

@@ -157,7 +157,8 @@ def test_official_import_refuses_unknown_layouts(tmp_path) -> None:
 def test_official_predictors_are_accepted_by_the_vllm_protocol(key, file, tmp_path) -> None:
     """`l2s serve --artifact NAME=DIR` after `l2s import-official`: the request checks accept the paper's settings
     (L'=30 > L*=15, input_last) on the model they were made for and refuse another model's shape."""
-    from learn2steer.engines.vllm.protocol import EngineLimits, Registry, check_request
+    from learn2steer.engines.requests import Registry
+    from learn2steer.engines.vllm.protocol import EngineLimits, check_request
 
     art = import_official(data_path("official_l2s", file), model=key[0], task=key[1])
     s = OFFICIAL[key]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from learn2steer import SteeringArtifact
+from learn2steer.engines.requests import Registry
 from learn2steer.engines.vllm.plan import (
     ARTIFACT_CACHE,
     Plan,
@@ -27,7 +28,6 @@ from learn2steer.engines.vllm.plan import (
     build_plan,
     read_pass,
 )
-from learn2steer.engines.vllm.protocol import Registry
 from learn2steer.predictor import L2SNet
 
 D, N = 8, 4

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from learn2steer import SteeringArtifact
+from learn2steer.engines.requests import READ_BACK, Registry
 from learn2steer.engines.vllm import plugin
-from learn2steer.engines.vllm.protocol import READ_BACK, Registry
 from learn2steer.errors import InvalidInputError
 from learn2steer.models.prompts import generation_prompt_ids
 from learn2steer.predictor import L2SNet

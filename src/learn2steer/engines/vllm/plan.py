@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from learn2steer.engines.vllm.protocol import SteerRequest
+from learn2steer.engines.requests import SteerRequest
 from learn2steer.errors import InvalidInputError
 from learn2steer.steering import addition, scope_selects
 

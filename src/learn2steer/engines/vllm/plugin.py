@@ -44,6 +44,7 @@ from typing import Any, cast
 
 import torch
 
+from learn2steer.engines.requests import READ_BACK, Registry, has_steering
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
     ENV_TRACE,
@@ -57,11 +58,9 @@ from learn2steer.engines.vllm.plan import (
 from learn2steer.engines.vllm.protocol import (
     ENV_ALLOW_PATHS,
     ENV_ARTIFACTS,
-    KEYS,
-    READ_BACK,
     EngineLimits,
-    Registry,
     check_request,
+    registry_from_env,
 )
 from learn2steer.errors import InvalidInputError
 from learn2steer.models.prompts import generation_prompt_ids
@@ -90,17 +89,13 @@ _W = _P.worker  # the worker's per-request state (benchmarks/vllm_plan_probe.py 
 def registry() -> Registry:
     """This process's artifact registry (built from the environment on first use)."""
     if _P.registry is None:
-        _P.registry = Registry()
+        _P.registry = registry_from_env()
     return _P.registry
 
 
 def reload_registry() -> None:
     """Forget the registry: the next use re-reads the environment (the offline engine sets it first)."""
     _P.registry = None
-
-
-def _has_steering(extra: Any) -> bool:
-    return isinstance(extra, dict) and any(k in extra for k in KEYS)
 
 
 def steering_enabled() -> bool:
@@ -131,7 +126,7 @@ def step_batch(runner: Any) -> StepBatch:
 
 
 def _parse(extra: Any) -> Any:
-    return registry().parse(extra) if _has_steering(extra) else None
+    return registry().parse(extra) if has_steering(extra) else None
 
 
 def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
@@ -202,7 +197,7 @@ def _patch_front_end(version: str) -> None:
     def _validate_params(self: Any, params: Any, supported_tasks: Any) -> Any:
         out = orig(self, params, supported_tasks)
         extra = getattr(params, "extra_args", None)
-        if _has_steering(extra):
+        if has_steering(extra):
             try:
                 if not _P.supported:
                     raise InvalidInputError(f"learn2steer's vLLM plugin supports vLLM 0.32.x; this is {version}")
@@ -220,7 +215,7 @@ def _patch_front_end(version: str) -> None:
         ecr = orig_process(self, *args, **kwargs)
         sp = getattr(ecr, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
-        if _has_steering(extra) and _P.supported:
+        if has_steering(extra) and _P.supported:
             try:
                 _prepare_read(self, ecr, sp, cast(dict, extra))
             except InvalidInputError as e:
@@ -276,7 +271,7 @@ def _patch_beam_search(error: Any) -> None:
         orig = cls.to_beam_search_params
 
         def to_beam_search_params(self: Any, *args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
-            if _has_steering(getattr(self, "vllm_xargs", None)):
+            if has_steering(getattr(self, "vllm_xargs", None)):
                 raise error(BEAM_SEARCH, parameter="use_beam_search")
             return _orig(self, *args, **kwargs)
 
@@ -292,7 +287,7 @@ def _patch_engine_core() -> None:
     def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
         sp = request.sampling_params
         extra = getattr(sp, "extra_args", None) if sp is not None else None
-        if _has_steering(extra):
+        if has_steering(extra):
             req = registry().parse(extra)
             assert req is not None
             mm = [str(getattr(f, "identifier", "")) for f in (getattr(request, "mm_features", None) or [])]

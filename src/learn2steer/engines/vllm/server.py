@@ -15,16 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from learn2steer.artifacts import SteeringArtifact
+from learn2steer.engines.requests import DEFAULT_MAX_ALPHA, Registry, check_max_alpha
 from learn2steer.engines.vllm.offline import engine_env
-from learn2steer.engines.vllm.protocol import (
-    DEFAULT_MAX_ALPHA,
-    ENV_MAX_ALPHA,
-    EngineLimits,
-    Registry,
-    check_max_alpha,
-    check_plugin_installed,
-    check_request,
-)
+from learn2steer.engines.vllm.protocol import ENV_MAX_ALPHA, EngineLimits, check_plugin_installed, check_request
 from learn2steer.errors import InvalidInputError
 from learn2steer.models.loading import DEFAULT_MODEL_NAME, Dtype, model_shape, resolve_model_path
 from learn2steer.options import check_choices
