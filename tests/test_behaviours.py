@@ -48,3 +48,28 @@ def test_loading(tmp_path) -> None:
                  "default: a\n")
     assert load_behaviour(p).pair(Example("x", "q"))[0].completion == "Yes {literal}"
     assert isinstance(BehaviourSpec.from_dict(load_behaviour("safety").to_dict()), BehaviourSpec)
+
+
+def test_position_and_its_old_spelling_read(tmp_path) -> None:
+    """``position:`` names where the target is read; ``read:`` (the old spelling) still loads to the same spec,
+    stored specs keep the key "read" (so fingerprints do not move), and both at once are refused."""
+    head = "name: b\ndefault: a\ncontrasts:\n  a: {suffix: '', positive: 'Y', negative: 'N', "
+    specs = {}
+    for key in ("position", "read"):
+        p = tmp_path / f"{key}.yaml"
+        p.write_text(head + f"{key}: turn_end}}\n")
+        specs[key] = load_behaviour(p)
+    new, old = specs["position"], specs["read"]
+    assert new.position == old.position == new.contrasts["a"].position == "turn_end"
+    assert new == old and new.fingerprint == old.fingerprint
+    assert new.to_dict()["contrasts"]["a"]["read"] == "turn_end" and "position" not in new.to_dict()["contrasts"]["a"]
+    assert BehaviourSpec.from_dict(new.to_dict()) == new
+    ex = Example("x", "q")
+    assert new.pair(ex) == old.pair(ex) and new.pair(ex)[0].close_turn
+    p = tmp_path / "both.yaml"
+    p.write_text(head + "position: last, read: last}\n")
+    with pytest.raises(InvalidInputError, match="both `position` and `read`"):
+        load_behaviour(p)
+    with pytest.raises(InvalidInputError, match="contrast position must be one of"):
+        BehaviourSpec.from_dict({"name": "b", "contrasts": {"a": {"suffix": "", "positive": "Y", "negative": "N",
+                                                                  "read": "middle"}}})

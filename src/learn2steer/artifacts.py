@@ -173,8 +173,8 @@ class SteeringArtifact:
     vector: SteeringVector | None = None
     predictor: torch.nn.Module | None = None
     context_layer: int | None = None
-    context_read: str = "prompt_last"
-    read_position: str = "last"
+    context_read: str = "prompt_last"  # the predictor's position (config key kept: existing artifacts load)
+    read_position: str = "last"  # the P2S target's position (BehaviourSpec.position; config key kept)
     alpha: float = 1.0
     scope: str = "all"
     strength: str = "absolute"
@@ -238,7 +238,7 @@ class SteeringArtifact:
         """The steering provider of a predictor artifact: read h at L', add g(h) at L*."""
         assert self.context_layer is not None
         return PredictedVectors(self.predict_fn(gated=gated), self.context_layer, tuple(self.steer_layers),
-                                read=self.context_read)
+                                position=self.context_read)
 
     # -- files ---------------------------------------------------------------------------------------------
 

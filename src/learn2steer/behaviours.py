@@ -43,7 +43,8 @@ class Example:
 class Contrast:
     """A suffix appended to the question and a pair of teacher-forced answers (T+ desired, T- not).
 
-    ``read``: where the target is read in the teacher-forced sequence.
+    ``position``: where in the teacher-forced sequence the target is read (YAML ``position:``; the old
+    spelling ``read:`` is still accepted).
     ``turn_end`` (the official safety target): T± is a complete assistant turn and the last token of the
     whole sequence is read (LLaVA-1.5: the space the template puts after the answer; ChatML: the "\n"
     after ``<|im_end|>``). ``last``: the turn is left open and the answer's last token is read
@@ -53,11 +54,11 @@ class Contrast:
     suffix: str
     positive: str
     negative: str
-    read: str = "last"
+    position: str = "last"
 
     def __post_init__(self) -> None:
-        if self.read not in READS:
-            raise InvalidInputError(f"contrast read must be one of {', '.join(READS)}, got {self.read!r}")
+        if self.position not in READS:
+            raise InvalidInputError(f"contrast position must be one of {', '.join(READS)}, got {self.position!r}")
         for what, text in (("suffix", self.suffix), ("positive", self.positive), ("negative", self.negative)):
             if not isinstance(text, str):
                 raise InvalidInputError(f"contrast {what} must be a string, got {text!r}")
@@ -109,9 +110,9 @@ class BehaviourSpec:
             val = getattr(self, key)
             if val is not None and val not in known:
                 raise InvalidInputError(f"behaviour {self.name!r}: {key}={val!r} is not a defined contrast")
-        reads = {c.read for c in self.contrasts.values()}
-        if len(reads) > 1:
-            raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one read position, got {reads}")
+        positions = {c.position for c in self.contrasts.values()}
+        if len(positions) > 1:
+            raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one position, got {positions}")
         if self.context_read not in CONTEXT_READS:
             raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of {', '.join(CONTEXT_READS)}, "
                                     f"got {self.context_read!r}")
@@ -119,14 +120,13 @@ class BehaviourSpec:
         if not isinstance(self.end_offset, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.end_offset.values()):
             raise InvalidInputError(f"behaviour {self.name!r}: end_offset must map categories to whole numbers >= 0")
-        if self.end_offset and self.read != "turn_end":
-            raise InvalidInputError(f"behaviour {self.name!r}: end_offset only applies to the read position "
-                                    "turn_end")
+        if self.end_offset and self.position != "turn_end":
+            raise InvalidInputError(f"behaviour {self.name!r}: end_offset only applies to the position turn_end")
 
     @property
-    def read(self) -> str:
+    def position(self) -> str:
         """Where the P2S target is read (shared by every contrast of the spec)."""
-        return next(iter(self.contrasts.values())).read
+        return next(iter(self.contrasts.values())).position
 
     def offset(self, example: Example, contrast: str | None = None) -> int:
         """Tokens before the end of the sequence where ``example``'s target is read (``turn_end`` only).
@@ -158,13 +158,16 @@ class BehaviourSpec:
                                  f"{example.id!r}, got {example.label!r}")
             fields["truth"], fields["opposite"] = self.labels[example.label]
         text = example.question + c.suffix
-        close = c.read == "turn_end"
+        close = c.position == "turn_end"
         return (PromptRow(text, example.image, completion=c.positive.format(**fields), close_turn=close),
                 PromptRow(text, example.image, completion=c.negative.format(**fields), close_turn=close))
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (stored in extractions and artifacts, so results say what made them)."""
         d = asdict(self)
+        # on disk a contrast's position keeps its old key "read": stored specs and their fingerprints stay the same
+        d["contrasts"] = {k: {("read" if f == "position" else f): v for f, v in c.items()}
+                          for k, c in d["contrasts"].items()}
         for key, default in self._LATE_DEFAULTS.items():
             if d.get(key) == default:
                 d.pop(key)
@@ -196,12 +199,12 @@ class BehaviourSpec:
         d = dict(d)
         if "contrasts" not in d or not isinstance(d["contrasts"], dict):
             raise InvalidInputError("invalid behaviour spec: `contrasts` must map contrast names to "
-                                    "{suffix, positive, negative, read}")
+                                    "{suffix, positive, negative, position}")
         try:
-            d["contrasts"] = {k: Contrast(**v) for k, v in d["contrasts"].items()}
+            d["contrasts"] = {k: Contrast(**_contrast_fields(k, v)) for k, v in d["contrasts"].items()}
         except TypeError as e:
             raise InvalidInputError(f"invalid behaviour spec: {e}; each contrast needs suffix, positive, negative "
-                             "and optionally read") from None
+                             "and optionally position") from None
         allowed = set(cls.__dataclass_fields__)
         unknown = set(d) - allowed
         if unknown:
@@ -210,6 +213,16 @@ class BehaviourSpec:
         if "name" not in d:
             raise InvalidInputError("a behaviour spec needs a non-empty `name`")
         return cls(**d)
+
+
+def _contrast_fields(name: str, v: Any) -> Any:
+    """A contrast's YAML fields with the old spelling ``read:`` of ``position:`` renamed (both at once: refused)."""
+    if not isinstance(v, dict) or "read" not in v:
+        return v
+    if "position" in v:
+        raise InvalidInputError(f"invalid behaviour spec: contrast {name!r} gives both `position` and `read` (its old "
+                                "spelling); keep only `position`")
+    return {("position" if k == "read" else k): x for k, x in v.items()}
 
 
 def shipped_behaviours() -> list[str]:

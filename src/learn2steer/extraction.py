@@ -54,7 +54,7 @@ def p2s_batch(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Examp
               *, contrast: str | None = None, branch: bool | None = None) -> dict[int, torch.Tensor]:
     """z_X = h(T+) - h(T-) per example at each steering layer (zero rows for the ``zero`` contrast).
 
-    With ``read: turn_end`` the rows are complete assistant turns and the token read is the last of the
+    With ``position: turn_end`` the rows are complete assistant turns and the token read is the last of the
     sequence, or ``spec.offset(...)`` tokens before it (the official Qwen2-VL quirk for scenarios 10-13).
     ``branch`` (default: whenever the model allows, :func:`~learn2steer.branches.can_branch`): compute
     the shared prompt once and T+ / T- from its cache (:func:`~learn2steer.branches.read_branches`) instead
@@ -77,12 +77,12 @@ def p2s_and_context(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence
         return out, None
     if branch is None:
         branch = can_branch(handle)
-    offsets = [spec.offset(examples[i], contrast) if spec.read == "turn_end" else 0 for i in live]
+    offsets = [spec.offset(examples[i], contrast) if spec.position == "turn_end" else 0 for i in live]
     same_prompt = (bool(context_layers) and branch and len(live) == len(examples)
                    and spec.context_read == "prompt_last"
                    and all(p is not None and p[0].text == e.question for p, e in zip(pairs, examples)))
     if branch:
-        position: BranchRead = "completion_mean" if spec.read == "completion_mean" else "completion_last"
+        position: BranchRead = "completion_mean" if spec.position == "completion_mean" else "completion_last"
         got = read_branches(handle, [p for p in pairs if p is not None], steer_layers, position=position,
                             offsets=[[o, o] for o in offsets], context_layers=context_layers if same_prompt else ())
         for layer in steer_layers:
@@ -90,13 +90,13 @@ def p2s_and_context(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence
         return out, (got.context if same_prompt else None)
     rows = [p[0] for p in pairs if p is not None] + [p[1] for p in pairs if p is not None]
     batch = build_inputs(handle, rows)
-    read_at = cast(Position, spec.read)
-    if spec.read == "turn_end":
+    at = cast(Position, spec.position)
+    if spec.position == "turn_end":
         batch.span_end = batch.span_end - torch.tensor(offsets * 2, dtype=torch.long, device=batch.span_end.device)
         if bool((batch.span_end <= batch.span_start).any()):
             raise InvalidInputError(f"behaviour {spec.name!r}: an end_offset reaches back before the answer")
-        read_at = "completion_last"
-    sites = [Site(layer, read_at) for layer in steer_layers]
+        at = "completion_last"
+    sites = [Site(layer, at) for layer in steer_layers]
     full = read(handle, batch, sites)
     n = len(live)
     for s in sites:
@@ -106,15 +106,15 @@ def p2s_and_context(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence
 
 @torch.no_grad()
 def context_batch(handle: ModelHandle, examples: Sequence[Example], context_layers: Sequence[int],
-                  read_at: str = "prompt_last") -> dict[int, torch.Tensor]:
+                  position: str = "prompt_last") -> dict[int, torch.Tensor]:
     """h_X at each context layer: what L2S sees at test time.
 
-    ``prompt_last``: the last token of the prompt with the generation prompt. ``input_last`` (the official
-    safety predictors): the last token of the user turn without the generation prompt, read in a forward
+    ``position`` ``prompt_last``: the last token of the prompt with the generation prompt. ``input_last`` (the
+    official safety predictors): the last token of the user turn without the generation prompt, read in a forward
     pass over that bare prompt alone, as the official code does (no token-prefix matching).
     """
     rows = [PromptRow(e.question, e.image) for e in examples]
-    batch = bare_prompts(handle, rows) if read_at == "input_last" else build_inputs(handle, rows)
+    batch = bare_prompts(handle, rows) if position == "input_last" else build_inputs(handle, rows)
     got = read(handle, batch, [Site(layer, "prompt_last") for layer in context_layers])
     return {s.layer: v for s, v in got.items()}
 
@@ -236,7 +236,8 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
     check_unique_ids(ids, "the dataset")
     settings = {"model": handle.name, "hidden_size": handle.hidden_size, "num_layers": handle.num_layers,
                 "behaviour": spec.name, "behaviour_fingerprint": spec.fingerprint, "steer_layers": steer_layers,
-                "context_layers": context_layers, "read": spec.read, "shard_size": shard_size,
+                # the index keeps the key "read" for the position: existing extraction folders still resume
+                "context_layers": context_layers, "read": spec.position, "shard_size": shard_size,
                 "with_ba": with_ba and spec.ba is not None, "ids_fingerprint": fingerprint(ids)}
     if spec.context_read != "prompt_last":  # only when set: older extraction folders keep resuming
         settings["context_read"] = spec.context_read

@@ -282,7 +282,7 @@ class _HasParameters(Protocol):
 class PredictedVectors:
     """Input-dependent vectors: ``predict(h)`` of each row's context hidden state, added at the steering layers.
 
-    ``h`` is the output of block ``context_layer`` at ``read`` (``prompt_last``: the last prompt token,
+    ``h`` is the output of block ``context_layer`` at ``position`` (``prompt_last``: the last prompt token,
     generation prompt included; ``input_last``: the last token of the user turn before the generation
     prompt). It is read in whichever forward call contains that column, before any write of this pass at
     the same layer, so a steering layer at or after the context layer sees the unsteered state; the
@@ -293,7 +293,7 @@ class PredictedVectors:
     predict: Callable[[torch.Tensor], torch.Tensor]
     context_layer: int
     steer_layers: tuple[int, ...]
-    read: str = "prompt_last"
+    position: str = "prompt_last"
     current: torch.Tensor | None = None
 
     @property
@@ -314,9 +314,9 @@ class PredictedVectors:
 
     def observe(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
         """Predict each row's vector when this call holds the read column (else keep the last one)."""
-        cols = step.layout.read_columns.get(self.read)
+        cols = step.layout.read_columns.get(self.position)
         if cols is None:
-            raise InvalidInputError(f"this predictor reads position {self.read!r}, which the batch does not "
+            raise InvalidInputError(f"this predictor reads position {self.position!r}, which the batch does not "
                                     "provide; build the batch with build_inputs(..., input_last=True)")
         rows = hidden.shape[0]
         cols = cols.repeat_interleave(rows // cols.shape[0]) if rows != cols.shape[0] else cols

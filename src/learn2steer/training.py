@@ -75,6 +75,7 @@ def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg
             norms = result.net(ex.h[context_layer][val]).norm(dim=-1)
         threshold = choose_gate(norms, torch.tensor([ex.contrasts[i] != ZERO for i in result.val_idx]))
     meta = ex.meta
+    # the extraction index's "read" and the artifact's "read_position" both hold the spec's position (on-disk names)
     common: dict[str, Any] = dict(model=meta["model"], hidden_size=meta["hidden_size"],
                                   num_layers=meta["num_layers"], steer_layers=[steer_layer],
                                   read_position=meta["read"], alpha=alpha, scope=scope,

@@ -107,7 +107,7 @@ def test_input_last_reads_the_bare_prompt_and_matches_the_in_prompt_column_on_ch
     exs = examples(3)
     got = generate_with(h, MethodConfig.from_artifact(art), exs, max_new_tokens=5, progress=False)
     batch = build_inputs(h, [PromptRow(e.question) for e in exs], input_last=True)
-    with steer(h, PredictedVectors(art.predictor, 1, (2,), read="input_last"), alpha=6.0, batch=batch):
+    with steer(h, PredictedVectors(art.predictor, 1, (2,), position="input_last"), alpha=6.0, batch=batch):
         want = generate(h, batch, max_new_tokens=5)
     assert got == want
     last = generate_with(h, MethodConfig.from_artifact(dataclasses.replace(art, context_read="prompt_last")), exs,

@@ -75,15 +75,15 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
     if isinstance(provider, PredictedVectors):
         ctx = handle.check_layer(provider.context_layer)
         writes = [handle.check_layer(x) for x in provider.steer_layers]
-        if provider.read == "input_last" or ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
+        if provider.position == "input_last" or ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
             # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors.
             # input_last is read the official way: the bare prompt (no generation prompt) in a pass of its own,
             # which needs no token-prefix match between bare and full prompt (sentencepiece breaks that)
-            if provider.read == "input_last":
+            if provider.position == "input_last":
                 site = Site(ctx, "prompt_last")
                 h = read(handle, bare_prompts(handle, batch.rows), [site])[site]
             else:
-                site = Site(ctx, cast(Position, provider.read))
+                site = Site(ctx, cast(Position, provider.position))
                 h = read(handle, batch, [site])[site]
             with torch.no_grad():
                 dev = provider._device()

@@ -223,8 +223,8 @@ class Sum:
         return self.hidden.index_select(dim, rows) + self.residual.index_select(dim, rows)
 
 
-def apply(state: WorkerState, read: Any, residual: torch.Tensor, layer: int) -> None:
-    """The op's body: ``read`` is the residual stream after ``layer`` (a tensor, or a lazy :class:`Sum`),
+def apply(state: WorkerState, stream: Any, residual: torch.Tensor, layer: int) -> None:
+    """The op's body: ``stream`` is the residual stream after ``layer`` (a tensor, or a lazy :class:`Sum`),
     ``residual`` the tensor that carries it into the next layer. Reads L2S captures, then adds alpha * v
     to the planned rows.
 
@@ -239,7 +239,7 @@ def apply(state: WorkerState, read: Any, residual: torch.Tensor, layer: int) -> 
     caps = [c for c in plan.captures.get(layer, ()) if c[1] not in state.failed]
     if caps:
         rows = torch.tensor([c[0] for c in caps], device=residual.device)
-        h = read.index_select(0, rows).float()
+        h = stream.index_select(0, rows).float()
         groups: dict[tuple[str, bool], list[int]] = defaultdict(list)  # one predictor call per artifact
         for j, (_, _, req, _) in enumerate(caps):
             groups[(req.key, req.gated)].append(j)
@@ -278,8 +278,8 @@ def apply(state: WorkerState, read: Any, residual: torch.Tensor, layer: int) -> 
         start = 0
         for w, v, n in zip(writes, vectors, counts.tolist()):
             if w.req.strength != "absolute":
-                stream = read.index_select(0, rows[start:start + n]).float()
-                delta[start:start + n] = addition(v.expand(n, -1), stream, w.req.alpha, w.req.strength)
+                base = stream.index_select(0, rows[start:start + n]).float()
+                delta[start:start + n] = addition(v.expand(n, -1), base, w.req.alpha, w.req.strength)
             start += n
     new = residual.index_select(0, rows) + delta.to(residual.dtype)
     ok = torch.isfinite(new).all(dim=-1)
@@ -311,14 +311,14 @@ def read_pass(state: WorkerState, plan: Plan, forward: Callable[..., Any], args:
     def copy(x: Any) -> Any:
         return x.clone() if isinstance(x, torch.Tensor) else x
 
-    read = Plan(captures=plan.early, stop_after=max(plan.early))
-    state.plan = read
+    first = Plan(captures=plan.early, stop_after=max(plan.early))
+    state.plan = first
     try:
         forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
     except Exception:
-        if not read.stopped:
+        if not first.stopped:
             raise
     finally:
         state.plan = None
-    if not read.stopped:
+    if not first.stopped:
         raise RuntimeError("learn2steer: the read pass of an L' > L* request ended without reaching its layer")
