@@ -106,3 +106,34 @@ def l2s_server(args: list[str], log: Path, env: dict[str, str] | None = None, st
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def request_registry(root: Path, d: int = 16, n: int = 6):
+    """A registry of three small artifacts for the request-format tests: ``mean`` (fixed, alpha 2), ``l2s``
+    (L'=2 -> L*=3) and ``late`` (L'=4 > L*=2)."""
+    import torch
+
+    from learn2steer.artifacts import SteeringArtifact
+    from learn2steer.engines.requests import Registry
+    from learn2steer.predictor import L2SNet
+    from learn2steer.vectors import SteeringVector
+
+    arts = {"mean": SteeringArtifact(kind="fixed", method="mean", model="tiny", hidden_size=d, num_layers=n,
+                                     steer_layers=[3], vector=SteeringVector({3: torch.ones(d)}), alpha=2.0,
+                                     scope="all"),
+            "l2s": SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n,
+                                    steer_layers=[3], context_layer=2, predictor=L2SNet(d, d), alpha=1.0, scope="all"),
+            "late": SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=d, num_layers=n,
+                                     steer_layers=[2], context_layer=4, predictor=L2SNet(d, d))}
+    return Registry({k: str(a.save(root / k)) for k, a in arts.items()}, allow_paths=False)
+
+
+@contextmanager
+def restored(registry: dict) -> Iterator[dict]:
+    """A registry (name -> class) that a test may add to, put back as it was afterwards."""
+    saved = dict(registry)
+    try:
+        yield registry
+    finally:
+        registry.clear()
+        registry.update(saved)

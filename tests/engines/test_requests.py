@@ -7,28 +7,17 @@ import math
 import re
 
 import pytest
-import torch
+from helpers import request_registry
 
-from learn2steer.artifacts import SteeringArtifact
 from learn2steer.engines.requests import Registry
 from learn2steer.errors import InvalidInputError
-from learn2steer.predictor import L2SNet
-from learn2steer.vectors import SteeringVector
 
 D, N = 16, 6
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
-    root = tmp_path_factory.mktemp("arts")
-    mean = SteeringArtifact(kind="fixed", method="mean", model="tiny", hidden_size=D, num_layers=N, steer_layers=[3],
-                            vector=SteeringVector({3: torch.ones(D)}), alpha=2.0, scope="all")
-    l2s = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=D, num_layers=N, steer_layers=[3],
-                           context_layer=2, predictor=L2SNet(D, D), alpha=1.0, scope="all")
-    late = SteeringArtifact(kind="l2s", method="l2s", model="tiny", hidden_size=D, num_layers=N, steer_layers=[2],
-                            context_layer=4, predictor=L2SNet(D, D))
-    return Registry({n: str(a.save(root / n)) for n, a in {"mean": mean, "l2s": l2s, "late": late}.items()},
-                    allow_paths=False)
+    return request_registry(tmp_path_factory.mktemp("arts"), D, N)
 
 
 

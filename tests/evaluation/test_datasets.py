@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import data_path
+from helpers import restored
 
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
@@ -96,10 +97,8 @@ def test_limits_and_empty_selections() -> None:
 
 @pytest.fixture
 def dataset_registry():
-    saved = dict(DATASETS)
-    yield DATASETS
-    DATASETS.clear()
-    DATASETS.update(saved)
+    with restored(DATASETS) as registry:
+        yield registry
 
 
 def test_a_registered_dataset_is_found_by_name(dataset_registry) -> None:

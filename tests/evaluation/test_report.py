@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import pytest
+from helpers import restored
 
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError
@@ -21,10 +22,8 @@ ANSWERS = {"no_steering": ["one two three", "one two", "one"], "mean": ["one", "
 
 @pytest.fixture
 def task_registry():
-    saved = dict(TASKS)
-    yield TASKS
-    TASKS.clear()
-    TASKS.update(saved)
+    with restored(TASKS) as registry:
+        yield registry
 
 
 def _register() -> type[Task]:
