@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 from learn2steer._io import read_json
 from learn2steer.artifacts import validate_config
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import Scope, Strength, check_alpha, finite_in
+from learn2steer.options import check_choice
+from learn2steer.steering import Scope, ScopeName, Strength, check_alpha, finite_in
 
 DEFAULT_MAX_ALPHA = 100.0
 KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers")
@@ -184,9 +185,7 @@ class Registry:
         if not isinstance(strength, str):
             raise InvalidInputError(f"strength must be absolute or relative, got {strength!r}")
         strength = Strength.parse(strength).value
-        scope = ours.get("scope", meta.scope)
-        if scope not in [s.value for s in Scope]:
-            raise InvalidInputError(f"scope must be one of all, prompt, generated; got {scope!r}")
+        scope = check_choice(ScopeName, ours.get("scope", meta.scope), "scope")  # the configs' own check
         gated = ours.get("gated", True)
         if not isinstance(gated, (bool, int)) or isinstance(gated, float):
             raise InvalidInputError(f"gated must be true or false, got {gated!r}")
