@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 
 import torch
-from helpers import l2s, run
+from helpers import examples, l2s, run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import learn2steer.extraction as extraction
+from learn2steer.behaviours import load_behaviour
 from learn2steer.distributed import Ranks
-from learn2steer.extraction import shard_metadata
+from learn2steer.extraction import extract_to, load_extraction, shard_metadata
+from learn2steer.models.tiny import tiny_model
 
 
 def torchrun(*args: str) -> list[str]:
@@ -22,6 +27,52 @@ def torchrun(*args: str) -> list[str]:
 def test_ranks_deal_work_out_round_robin() -> None:
     assert Ranks(0, 2).mine(list(range(5))) == [0, 2, 4] and Ranks(1, 2).mine(list(range(5))) == [1, 3]
     assert Ranks().mine([1, 2]) == [1, 2] and Ranks().is_main
+
+
+class ThreadRanks(Ranks):
+    """Two ranks as threads of one process, with a real barrier between them."""
+
+    def __init__(self, rank: int, wall: threading.Barrier) -> None:
+        super().__init__(rank, 2)
+        object.__setattr__(self, "wall", wall)
+
+    def barrier(self) -> None:
+        self.wall.wait(timeout=120)
+
+
+def test_ranks_deal_shards_from_one_view_of_the_folder(tmp_path, monkeypatch) -> None:
+    # the CI failure this pins: rank 0 scanned the folder after rank 1 had already written shard 1, so it dealt
+    # the remaining shards differently, shard 2 went to nobody and three were computed twice
+    scan = extraction.shard_status
+
+    def slow_scan_on_rank0(path, ids):
+        if threading.current_thread().name == "rank0":
+            time.sleep(0.3)
+        return scan(path, ids)
+
+    monkeypatch.setattr(extraction, "shard_status", slow_scan_on_rank0)
+    spec, exs, wall = load_behaviour("safety"), examples(12), threading.Barrier(2)
+    models = [tiny_model("llama") for _ in range(2)]  # one each (reads hook the model); built here, not in threads
+    done: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            extract_to(models[r], spec, exs, tmp_path, steer_layers=[1], context_layers=[2], batch_size=2,
+                       shard_size=2, with_ba=False, progress=False, job=ThreadRanks(r, wall),
+                       on_shard=lambda k: done.append((r, k)))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+            wall.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(done) == sorted((k % 2, k) for k in range(6)), "every shard once, by its own rank"
+    assert load_extraction(tmp_path).ids == [e.id for e in exs]
 
 
 def test_torchrun_extraction_equals_one_process(model_dir, dataset, tmp_path, monkeypatch) -> None:

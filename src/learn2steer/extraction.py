@@ -261,6 +261,9 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
         groups = _chunks(list(examples), shard_size)
         todo = [k for k in range(len(groups))
                 if shard_status(out / "shards" / _shard_name(k), [e.id for e in groups[k]]) is not None]
+        # every rank has looked at the same files before any writes one: a rank that scanned late would see a
+        # shard another rank just finished, deal the rest differently, and leave a shard to nobody
+        job.barrier()
         mine = job.mine(todo)
         done_before = len(examples) - sum(len(groups[k]) for k in todo)
         bar = tqdm(total=len(examples), initial=done_before, desc="P2S extraction", unit="ex",
@@ -283,7 +286,7 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
                     parts.update({f"z_ba/{k}": v for k, v in zba.items()})
                 for key, v in parts.items():
                     tensors.setdefault(key, []).append(v)
-                bar.update(len(chunk) * job.world)
+                bar.update(min(len(chunk) * job.world, len(examples) - bar.n))  # other ranks' share, estimated
             _write_shard(out / "shards" / _shard_name(k), {key: torch.cat(v) for key, v in tensors.items()},
                          [e.id for e in groups[k]], job.rank)
             if on_shard is not None:
