@@ -18,6 +18,10 @@ from learn2steer.models.prompts import Batch, forward_kwargs
 
 Position = Literal["prompt_last", "input_last", "last", "completion_mean", "completion_last"]
 POSITIONS: tuple[str, ...] = get_args(Position)
+#: where a predictor's context h_X can be read, in training and on both engines: the last prompt token with
+#: the generation prompt, or the last token of the user turn without it (the official safety predictors)
+ContextPosition = Literal["prompt_last", "input_last"]
+CONTEXT_POSITIONS: tuple[str, ...] = get_args(ContextPosition)
 
 
 @dataclass(frozen=True)

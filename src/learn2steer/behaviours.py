@@ -16,13 +16,13 @@ from typing import Any, ClassVar, Literal, get_args
 import yaml
 
 from learn2steer._io import fingerprint
+from learn2steer.activations import CONTEXT_POSITIONS
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.prompts import ImageLike, PromptRow
 from learn2steer.options import check_choice
 
 ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
 READS = ("turn_end", "last", "completion_mean")
-CONTEXT_READS = ("prompt_last", "input_last")
 #: where the Prompt baseline's instruction goes: a system message, before the question, or after it
 PromptPlacement = Literal["system", "user", "append"]
 PROMPT_PLACEMENTS: tuple[str, ...] = get_args(PromptPlacement)
@@ -113,9 +113,9 @@ class BehaviourSpec:
         positions = {c.position for c in self.contrasts.values()}
         if len(positions) > 1:
             raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one position, got {positions}")
-        if self.context_read not in CONTEXT_READS:
-            raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of {', '.join(CONTEXT_READS)}, "
-                                    f"got {self.context_read!r}")
+        if self.context_read not in CONTEXT_POSITIONS:
+            raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of "
+                                    f"{', '.join(CONTEXT_POSITIONS)}, got {self.context_read!r}")
         check_choice(PromptPlacement, self.prompt_placement, f"behaviour {self.name!r}: prompt_placement")
         if not isinstance(self.end_offset, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.end_offset.values()):

@@ -37,7 +37,6 @@ KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vec
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
 READ_BACK = "l2s_read_back"
 PROMPT_SCOPES = (Scope.ALL.value, Scope.PROMPT.value)
-READS = ("prompt_last", "input_last")
 
 
 def has_steering(extra: Any) -> bool:

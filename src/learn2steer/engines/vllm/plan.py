@@ -26,7 +26,7 @@ import torch
 
 from learn2steer.engines.requests import SteerRequest
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import addition, scope_selects
+from learn2steer.steering import Strength, addition, scope_selects
 
 log = logging.getLogger("learn2steer.vllm")
 ENV_TRACE = "L2S_VLLM_TRACE"  # a file: every write is logged as a JSON line (tests)
@@ -274,10 +274,11 @@ def apply(state: WorkerState, stream: Any, residual: torch.Tensor, layer: int) -
     counts = torch.tensor([len(w.rows) for w in writes], device=residual.device)
     delta = (alphas[:, None] * torch.stack(vectors)).repeat_interleave(counts, dim=0)
     rows = torch.from_numpy(np.concatenate([np.asarray(w.rows, dtype=np.int64) for w in writes])).to(residual.device)
-    if any(w.req.strength != "absolute" for w in writes):  # norm-relative: the same function as the HF engine
+    # norm-relative: the same function as the HF engine
+    if any(w.req.strength != Strength.ABSOLUTE.value for w in writes):
         start = 0
         for w, v, n in zip(writes, vectors, counts.tolist()):
-            if w.req.strength != "absolute":
+            if w.req.strength != Strength.ABSOLUTE.value:
                 base = stream.index_select(0, rows[start:start + n]).float()
                 delta[start:start + n] = addition(v.expand(n, -1), base, w.req.alpha, w.req.strength)
             start += n

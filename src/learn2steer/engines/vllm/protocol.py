@@ -11,10 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from learn2steer.activations import CONTEXT_POSITIONS
 from learn2steer.engines.requests import (
     DEFAULT_MAX_ALPHA,
     PROMPT_SCOPES,
-    READS,
     Registry,
     SteerRequest,
     check_max_alpha,
@@ -93,9 +93,9 @@ def check_request(req: SteerRequest, limits: EngineLimits) -> None:
     if not 0 <= m.context_layer < limits.num_layers:
         raise InvalidInputError(f"this L2S artifact reads layer {m.context_layer}, out of range for a model with "
                                 f"{limits.num_layers} layers")
-    if m.context_read not in READS:
+    if m.context_read not in CONTEXT_POSITIONS:
         raise InvalidInputError(f"this L2S artifact reads position {m.context_read!r}; the vLLM engine reads "
-                                f"{' or '.join(READS)}")
+                                f"{' or '.join(CONTEXT_POSITIONS)}")
     if req.scope in PROMPT_SCOPES and limits.chunked_prefill:
         raise InvalidInputError(f"L2S with scope {req.scope!r} must see the whole prompt in one step, but this "
                                 "engine has chunked prefill on; use scope 'generated', or start it with chunked "
