@@ -8,6 +8,7 @@ interleaved so that machine noise hits them alike). Run from the repository root
     python -m benchmarks --smoke                     # seconds, tiny random model, one repetition (CI)
     python -m benchmarks --engine vllm --quick --json OUT.json   # vLLM figures (the serving environment)
     python -m benchmarks --peers --json OUT.json          # vs vllm-lens, hotwire-vllm, nnsight (.venv-peers)
+    python -m benchmarks.vllm_cpu_settings --json OUT.json   # what moves vLLM's CPU speed (.venv-serve, ~35 min)
 
 The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
 ``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).

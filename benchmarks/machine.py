@@ -4,8 +4,8 @@ vLLM's CPU speed depends on the instruction sets its kernels can use (AMX tiles 
 attention, AVX-512 / AVX-512-BF16 / VNNI otherwise), on how many cores its worker's OpenMP threads are
 bound to (``VLLM_CPU_OMP_THREADS_BIND``; by default vLLM reserves one core for its front end), on the KV
 cache size (``VLLM_CPU_KVCACHE_SPACE``), on oneDNN / MKL being present in torch, and, on a shared machine,
-on what else runs (the load average at start and end). :func:`machine_facts` collects them;
-:func:`finish` adds the end-of-run load.
+on what else runs (the load average at start and end, and the hypervisor's steal time over the run).
+:func:`machine_facts` collects them; :func:`finish` adds the end-of-run load and the CPU shares.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import re
+import time
 from typing import Any
 
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512_fp16",
@@ -131,7 +132,117 @@ def vllm_attention(llm: Any) -> dict[str, Any]:
     return out
 
 
+def _role(p: Any) -> str:
+    try:
+        text = " ".join(p.cmdline()) or p.name()
+    except Exception:  # the process ended
+        return "gone"
+    for key, role in (("EngineCore", "engine_core"), ("Worker", "worker")):
+        if key in text:  # vLLM's process titles: VLLM::EngineCore, VLLM::Worker...
+            return role
+    return "other"
+
+
+def _processes() -> list[tuple[str, Any]]:
+    import psutil
+
+    me = psutil.Process()
+    return [("caller", me)] + [(_role(p), p) for p in me.children(recursive=True)]
+
+
+def tree_usage() -> dict[str, dict[str, float]]:
+    """CPU seconds and involuntary context switches (preemptions) of this process and its descendants, by role:
+    ``caller``, vLLM's ``engine_core`` and ``worker``, ``other``."""
+    out: dict[str, dict[str, float]] = {}
+    for role, p in _processes():
+        try:
+            t, sw = p.cpu_times(), p.num_ctx_switches()
+        except Exception:
+            continue
+        slot = out.setdefault(role, {"cpu_s": 0.0, "involuntary_switches": 0.0})
+        slot["cpu_s"] += t.user + t.system
+        slot["involuntary_switches"] += sw.involuntary
+    return out
+
+
+class CoresUsed:
+    """How many cores each process of an engine kept busy over a section of a run (CPU seconds / wall seconds).
+
+    On a 2-core machine vLLM's worker should use close to 2 while it computes; a worker that uses about 1
+    computes on one core whatever its binding says (the failure mode of a second OpenMP runtime, vLLM issue
+    #27369), which makes vLLM about a third slower while the HF engine is unaffected.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.u0, self.s0 = time.perf_counter(), tree_usage(), proc_stat()
+
+    def stop(self) -> dict[str, Any]:
+        wall, u1 = time.perf_counter() - self.t0, tree_usage()
+        return {"wall_s": wall,
+                "cores": {r: (u["cpu_s"] - self.u0.get(r, {}).get("cpu_s", 0.0)) / wall for r, u in u1.items()},
+                "preemptions_per_s": {r: (u["involuntary_switches"]
+                                          - self.u0.get(r, {}).get("involuntary_switches", 0.0)) / wall
+                                      for r, u in u1.items()},
+                "host": cpu_shares(self.s0, proc_stat())}
+
+
+def worker_facts() -> dict[str, Any]:
+    """vLLM's worker process as the kernel sees it: its threads and the cores each may run on, the OpenMP
+    runtimes mapped into it (more than one is the #27369 failure) and its ``LD_PRELOAD``."""
+    out: dict[str, Any] = {}
+    for role, p in _processes():
+        if role != "worker":
+            continue
+        try:
+            tids = [t.id for t in p.threads()]
+            affinity: dict[str, int] = {}
+            for tid in tids:
+                try:
+                    key = ",".join(str(c) for c in sorted(os.sched_getaffinity(tid)))
+                except OSError:
+                    continue
+                affinity[key] = affinity.get(key, 0) + 1
+            with open(f"/proc/{p.pid}/maps") as f:
+                libs = sorted({line.split()[-1] for line in f
+                               if re.search(r"lib(g|i)?omp[^/]*\.so", line.split()[-1] if line.split() else "")})
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+            out = {"threads": len(tids), "threads_by_allowed_cores": affinity, "openmp_runtimes": libs,
+                   "ld_preload": env.get(b"LD_PRELOAD", b"").decode(errors="replace") or None,
+                   "omp_num_threads": env.get(b"OMP_NUM_THREADS", b"").decode(errors="replace") or None}
+        except Exception as e:  # recorded, not raised: a fact we could not read
+            out = {"error": f"{type(e).__name__}: {e}"}
+        break
+    return out
+
+
+def proc_stat() -> dict[str, int]:
+    """The host's CPU time counters in clock ticks (``/proc/stat``): user, system, idle, steal, ...; {} off Linux."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    try:
+        with open("/proc/stat") as f:
+            first = f.readline().split()[1:1 + len(names)]
+    except OSError:  # pragma: no cover - not Linux
+        return {}
+    return dict(zip(names, (int(x) for x in first)))
+
+
+# taken when a benchmark imports this module, i.e. at the start of its run
+_STARTED = proc_stat()
+
+
+def cpu_shares(start: dict[str, int], end: dict[str, int]) -> dict[str, float]:
+    """Fractions of the host's CPU time between two :func:`proc_stat` readings: ``steal`` (time the hypervisor
+    gave this VM's cores to someone else: a noisy neighbour) and ``idle``."""
+    ticks = {k: end[k] - start.get(k, 0) for k in end}
+    total = sum(ticks.values())
+    if not total:
+        return {}
+    return {"steal": ticks["steal"] / total, "idle": ticks["idle"] / total}
+
+
 def finish(facts: dict[str, Any]) -> dict[str, Any]:
-    """Add the load average at the end of the run."""
+    """Add the load average at the end of the run and the host's steal / idle shares over the run."""
     facts["loadavg_end"] = list(os.getloadavg())
+    facts["host_cpu_shares_during_run"] = cpu_shares(_STARTED, proc_stat())
     return facts

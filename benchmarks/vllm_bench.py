@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import print_table, ratio, timings
-from benchmarks.machine import finish, machine_facts, vllm_attention
+from benchmarks.machine import CoresUsed, finish, machine_facts, vllm_attention, worker_facts
 
 
 def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = None) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     questions = demo_requests()
     facts = machine_facts()
     engine = VLLMEngine.create("default", enforce_eager=False, max_num_seqs=64)
-    attention = vllm_attention(engine.llm)
+    attention, worker = vllm_attention(engine.llm), worker_facts()
 
     def requests(cfg: MethodConfig, n: int, tokens: int) -> list[tuple[Any, Any]]:
         return engine.requests(cfg, questions[:n], max_new_tokens=tokens, ignore_eos=True, min_tokens=tokens)
@@ -76,11 +76,14 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     def run(cfg: MethodConfig, n: int, tokens: int) -> Callable[[], object]:
         return lambda: engine.generate(requests(cfg, n, tokens))
 
+    cores: dict[str, Any] = {}
     for b in (16, 64):
         fns = {"plain": run(plain, b, new_tokens), "l2s": run(l2s, b, new_tokens)}
         fns["plain"]()  # warm-up (and the compiled graph for this batch shape)
         fns["l2s"]()
+        used = CoresUsed()
         t = timings(fns, reps)
+        cores[f"b{b}"] = used.stop()
         out[f"vllm_b{b}"] = {"seconds": t, "tokens_per_s": {k: b * new_tokens / statistics.median(v)
                                                            for k, v in t.items()}}
         out[f"vllm_l2s_vs_plain_b{b}"] = ratio(t, "plain", "l2s")
@@ -125,7 +128,8 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
               "details": out, "new_tokens": new_tokens, "reps": reps, "quick": quick, "smoke": smoke,
               "machine": finish({**facts, "device": "cuda" if torch.cuda.is_available() else "cpu",
                                  "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-                                 "vllm_attention": attention}),
+                                 "vllm_attention": attention, "vllm_worker": worker,
+                                 "vllm_cores_used": cores}),
               "seconds": time.perf_counter() - started}
     try:
         import vllm
