@@ -26,7 +26,7 @@ def torchrun(*args: str) -> list[str]:
 
 def test_ranks_deal_work_out_round_robin() -> None:
     assert Ranks(0, 2).mine(list(range(5))) == [0, 2, 4] and Ranks(1, 2).mine(list(range(5))) == [1, 3]
-    assert Ranks().mine([1, 2]) == [1, 2] and Ranks().is_main
+    assert Ranks().mine([1, 2]) == [1, 2] and Ranks().deal([1, 2]) == [1, 2] and Ranks().is_main
 
 
 class ThreadRanks(Ranks):

@@ -32,9 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from learn2steer._io import file_sha256, read_json, write_json, write_text_atomic
 from learn2steer._version import __version__
-from learn2steer.activations import CONTEXT_POSITIONS
+from learn2steer.activations import CONTEXT_POSITIONS, ContextPosition
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
+from learn2steer.options import check_choice
 from learn2steer.predictor import Gated, L2SNet, check_finite_weights
 from learn2steer.steering import PredictedVectors, Scope, Strength, check_alpha, finite_in
 from learn2steer.vectors import SteeringVector
@@ -112,7 +113,7 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "steer_layers": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) for x in v),
                      "a non-empty list of layer indices", True),
     "context_layer": (lambda v: v is None or _is_int(v), "a layer index or null", False),
-    "context_read": (lambda v: v in CONTEXT_POSITIONS, "'prompt_last' or 'input_last'", False),
+    "context_read": (lambda v: v in CONTEXT_POSITIONS, " or ".join(map(repr, CONTEXT_POSITIONS)), False),
     "read_position": (lambda v: isinstance(v, str), "a read position name", False),
     "alpha": (finite_in, "a finite number (in float32)", False),
     "scope": (lambda v: v in [s.value for s in Scope], "'all', 'prompt' or 'generated'", False),
@@ -190,8 +191,7 @@ class SteeringArtifact:
         check_alpha(self.alpha, what="artifact alpha")
         Scope.parse(self.scope)
         self.strength = Strength.parse(self.strength).value
-        if self.context_read not in CONTEXT_POSITIONS:
-            raise InvalidInputError(f"context_read must be one of {CONTEXT_POSITIONS}, got {self.context_read!r}")
+        check_choice(ContextPosition, self.context_read, "context_read")
         if self.kind == "fixed":
             if self.vector is None:
                 raise InvalidInputError("a fixed artifact needs a steering vector")

@@ -11,21 +11,21 @@ import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from learn2steer._io import fingerprint
-from learn2steer.activations import CONTEXT_POSITIONS
+from learn2steer.activations import ContextPosition
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.models.prompts import ImageLike, PromptRow
 from learn2steer.options import check_choice
 
 ZERO = "zero"  # contrast name meaning "the target vector is 0" (leave these inputs alone)
-READS = ("turn_end", "last", "completion_mean")
+#: where a contrast's target is read in the teacher-forced sequence (see :class:`Contrast`)
+ContrastPosition = Literal["turn_end", "last", "completion_mean"]
 #: where the Prompt baseline's instruction goes: a system message, before the question, or after it
 PromptPlacement = Literal["system", "user", "append"]
-PROMPT_PLACEMENTS: tuple[str, ...] = get_args(PromptPlacement)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ class Contrast:
     position: str = "last"
 
     def __post_init__(self) -> None:
-        if self.position not in READS:
-            raise InvalidInputError(f"contrast position must be one of {', '.join(READS)}, got {self.position!r}")
+        check_choice(ContrastPosition, self.position, "contrast position")
         for what, text in (("suffix", self.suffix), ("positive", self.positive), ("negative", self.negative)):
             if not isinstance(text, str):
                 raise InvalidInputError(f"contrast {what} must be a string, got {text!r}")
@@ -113,9 +112,7 @@ class BehaviourSpec:
         positions = {c.position for c in self.contrasts.values()}
         if len(positions) > 1:
             raise InvalidInputError(f"behaviour {self.name!r}: all contrasts must share one position, got {positions}")
-        if self.context_read not in CONTEXT_POSITIONS:
-            raise InvalidInputError(f"behaviour {self.name!r}: context_read must be one of "
-                                    f"{', '.join(CONTEXT_POSITIONS)}, got {self.context_read!r}")
+        check_choice(ContextPosition, self.context_read, f"behaviour {self.name!r}: context_read")
         check_choice(PromptPlacement, self.prompt_placement, f"behaviour {self.name!r}: prompt_placement")
         if not isinstance(self.end_offset, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.end_offset.values()):

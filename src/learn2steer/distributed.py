@@ -32,6 +32,16 @@ class Ranks:
         """The items this rank computes: every ``world``-th one, starting at ``rank``."""
         return list(items[self.rank::self.world])
 
+    def deal(self, todo: Sequence[T]) -> list[T]:
+        """This rank's share of ``todo``, a list each rank derived from the files: a collective, every rank calls it.
+
+        It waits for every rank first, so that all have looked at the same files before any writes one; a rank
+        that looked late would see work another rank just finished, deal the rest differently, and leave
+        some of it to nobody.
+        """
+        self.barrier()
+        return self.mine(todo)
+
     def barrier(self) -> None:
         """Wait for every rank (no-op for a single process)."""
         if self.world > 1:

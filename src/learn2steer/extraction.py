@@ -261,10 +261,7 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
         groups = _chunks(list(examples), shard_size)
         todo = [k for k in range(len(groups))
                 if shard_status(out / "shards" / _shard_name(k), [e.id for e in groups[k]]) is not None]
-        # every rank has looked at the same files before any writes one: a rank that scanned late would see a
-        # shard another rank just finished, deal the rest differently, and leave a shard to nobody
-        job.barrier()
-        mine = job.mine(todo)
+        mine = job.deal(todo)
         done_before = len(examples) - sum(len(groups[k]) for k in todo)
         bar = tqdm(total=len(examples), initial=done_before, desc="P2S extraction", unit="ex",
                    disable=not progress or not job.is_main)

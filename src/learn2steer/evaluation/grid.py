@@ -125,8 +125,7 @@ def generate_cells(engine: Engine, examples: Sequence[Example], cells: Sequence[
         done = _done(out / "cells" / c.name)
         todo = [e for e in examples if e.id not in done]
         work += [(c, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
-    job.barrier()  # every rank has read the same state before anyone writes
-    mine = job.mine(work)
+    mine = job.deal(work)
     for c, chunk in tqdm(mine, desc="generate", unit="batch", disable=not progress or not mine):
         answers = generate_with(engine, configs[c.name], chunk, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=False)
