@@ -169,20 +169,22 @@ class CoresUsed:
     """How many cores each process of an engine kept busy over a section of a run (CPU seconds / wall seconds).
 
     On a 2-core machine vLLM's worker should use close to 2 while it computes; a worker that uses about 1
-    computes on one core whatever its binding says (the failure mode of a second OpenMP runtime, vLLM issue
-    #27369), which makes vLLM about a third slower while the HF engine is unaffected.
+    computes on one core whatever its binding says (vLLM issue #27369 describes this with a second OpenMP
+    runtime in the worker). One core measured on the development machine: x0.68 / x0.60 of vLLM's throughput
+    at batch 16 / 64, the HF engine untouched (``benchmarks/vllm_cpu_settings.py``).
     """
 
     def __init__(self) -> None:
         self.t0, self.u0, self.s0 = time.perf_counter(), tree_usage(), proc_stat()
 
     def stop(self) -> dict[str, Any]:
+        """Per role since the start: CPU seconds, preemptions, and both per wall second; the host's CPU shares."""
         wall, u1 = time.perf_counter() - self.t0, tree_usage()
-        return {"wall_s": wall,
-                "cores": {r: (u["cpu_s"] - self.u0.get(r, {}).get("cpu_s", 0.0)) / wall for r, u in u1.items()},
-                "preemptions_per_s": {r: (u["involuntary_switches"]
-                                          - self.u0.get(r, {}).get("involuntary_switches", 0.0)) / wall
-                                      for r, u in u1.items()},
+        used = {r: {k: v - self.u0.get(r, {}).get(k, 0.0) for k, v in u.items()} for r, u in u1.items()}
+        return {"wall_s": wall, "cpu_s": {r: u["cpu_s"] for r, u in used.items()},
+                "preemptions": {r: u["involuntary_switches"] for r, u in used.items()},
+                "cores": {r: u["cpu_s"] / wall for r, u in used.items()},
+                "preemptions_per_s": {r: u["involuntary_switches"] / wall for r, u in used.items()},
                 "host": cpu_shares(self.s0, proc_stat())}
 
 
@@ -203,8 +205,8 @@ def worker_facts() -> dict[str, Any]:
                     continue
                 affinity[key] = affinity.get(key, 0) + 1
             with open(f"/proc/{p.pid}/maps") as f:
-                libs = sorted({line.split()[-1] for line in f
-                               if re.search(r"lib(g|i)?omp[^/]*\.so", line.split()[-1] if line.split() else "")})
+                mapped = {line.split()[-1] for line in f if line.strip()}  # the last field: the mapped file
+            libs = sorted(m for m in mapped if re.search(r"lib(g|i)?omp[^/]*\.so", m))
             with open(f"/proc/{p.pid}/environ", "rb") as f:
                 env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
             out = {"threads": len(tids), "threads_by_allowed_cores": affinity, "openmp_runtimes": libs,

@@ -62,16 +62,12 @@ SETTINGS.update({k: v for k, v in OPENMP_SETTINGS.items() if v["LD_PRELOAD"] and
 NEW_TOKENS = 128
 
 
-def _delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {role: {k: b[role][k] - a.get(role, {}).get(k, 0.0) for k in b[role]} for role in b}
-
-
 def child(name: str, reps: int, out_path: Path) -> None:
     """One setting in this process: start the engine, warm up, time interleaved batch sizes, write JSON."""
     import torch
 
     from benchmarks.common import timings
-    from benchmarks.machine import CoresUsed, cpu_shares, machine_facts, proc_stat, tree_usage, worker_facts
+    from benchmarks.machine import CoresUsed, machine_facts, worker_facts
     from learn2steer.evaluation.datasets import demo_requests
     from learn2steer.methods import MethodConfig
 
@@ -106,20 +102,17 @@ def child(name: str, reps: int, out_path: Path) -> None:
     fns = {f"b{b}": run(b) for b in sizes}
     for f in fns.values():
         f()  # warm-up (and the compiled graph for this batch shape)
-    usage0, stat0, cores = tree_usage(), proc_stat(), CoresUsed()
+    cores = CoresUsed()
     t = timings(fns, reps)
-    usage1, stat1 = tree_usage(), proc_stat()
-    result["cores_used"] = cores.stop()
+    used = result["cores_used"] = cores.stop()
     result["worker"] = worker_facts()
     tokens = sum(reps * int(k[1:]) * NEW_TOKENS for k in fns)
-    shares = cpu_shares(stat0, stat1)
     result.update({
         "seconds": t,
         "tokens_per_s": {k: int(k[1:]) * NEW_TOKENS / statistics.median(v) for k, v in t.items()},
-        "cpu_ms_per_token": {role: 1000 * u["cpu_s"] / tokens for role, u in _delta(usage0, usage1).items()},
-        "involuntary_switches_per_token": {role: u["involuntary_switches"] / tokens
-                                           for role, u in _delta(usage0, usage1).items()},
-        "host_steal_fraction": shares.get("steal"), "host_idle_fraction": shares.get("idle"),
+        "cpu_ms_per_token": {role: 1000 * s / tokens for role, s in used["cpu_s"].items()},
+        "involuntary_switches_per_token": {role: n / tokens for role, n in used["preemptions"].items()},
+        "host_steal_fraction": used["host"].get("steal"), "host_idle_fraction": used["host"].get("idle"),
         "torch_threads": torch.get_num_threads(), "machine": facts})
     out_path.write_text(json.dumps(result, indent=1))
     if not name.startswith("hf"):
