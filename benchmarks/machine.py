@@ -5,7 +5,8 @@ attention, AVX-512 / AVX-512-BF16 / VNNI otherwise), on how many cores its worke
 bound to (``VLLM_CPU_OMP_THREADS_BIND``; by default vLLM reserves one core for its front end), on the KV
 cache size (``VLLM_CPU_KVCACHE_SPACE``), on oneDNN / MKL being present in torch, and, on a shared machine,
 on what else runs (the load average at start and end, and the hypervisor's steal time over the run).
-:func:`machine_facts` collects them; :func:`finish` adds the end-of-run load and the CPU shares.
+:func:`machine_facts` collects them with the host's raw speed (:func:`host_speed`); :func:`finish` adds the
+end-of-run load and the CPU shares.
 """
 
 from __future__ import annotations
@@ -47,7 +48,40 @@ def _cpuinfo() -> dict[str, Any]:
     out["threads_per_core"] = (int(fields["siblings"]) // int(fields["cpu cores"])
                                if fields.get("siblings", "").isdigit() and fields.get("cpu cores", "").isdigit()
                                else None)
+    out["numa_nodes"] = _numa_nodes()
+    out["transparent_hugepages"] = _thp()
     return out
+
+
+def _thp() -> dict[str, str] | None:
+    """The kernel's transparent huge page policy (``always``, ``madvise``: only memory a program asks for, or
+    ``never``): with 4 KiB pages, a model's weights streamed once per decoding step cost a TLB miss per page."""
+    root = "/sys/kernel/mm/transparent_hugepage"
+    try:
+        return {k: re.search(r"\[(\w[\w+]*)\]", open(f"{root}/{k}").read()).group(1)  # type: ignore[union-attr]
+                for k in ("enabled", "defrag")}
+    except (OSError, AttributeError):
+        return None
+
+
+def huge_pages_kib(pid: int) -> int | None:
+    """Anonymous memory of a process held in transparent huge pages (KiB), from ``/proc/PID/smaps_rollup``."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")), None)
+    except OSError:
+        return None
+
+
+def _numa_nodes() -> dict[str, str] | None:
+    """The NUMA nodes and their cores (vLLM binds its worker's memory to the nodes of its cores: with more than
+    one node, a worker whose threads span nodes reads half its weights from the far one)."""
+    root = "/sys/devices/system/node"
+    try:
+        names = sorted(n for n in os.listdir(root) if re.fullmatch(r"node\d+", n))
+        return {n: open(f"{root}/{n}/cpulist").read().strip() for n in names}
+    except OSError:
+        return None
 
 
 def _torch_facts() -> dict[str, Any]:
@@ -89,6 +123,7 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
         pass
     facts["loadavg_start"] = list(os.getloadavg())
     facts.update(_torch_facts())
+    facts["host_speed"] = host_speed()
     facts["env"] = {k: os.environ.get(k) for k in VLLM_ENV}
     try:
         import importlib.metadata as md
@@ -99,6 +134,34 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
         pass
     facts.update(extra)
     return facts
+
+
+def host_speed(seconds: float = 0.3) -> dict[str, Any]:
+    """This host's raw speed at the start of the run, so that a figure that moves between machines can be split
+    into "a slower host" and "a slower code path": float32 matmul GFLOP/s (512 x 512, in cache) on one thread and
+    on torch's threads, and memory copy GB/s (256 MiB, out of cache). About 1 s."""
+    import torch
+
+    def rate(fn: Any, work: float) -> float:
+        fn()  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            n += 1
+        return n * work / (time.perf_counter() - t0)
+
+    a = torch.randn(512, 512)
+    flops = 2.0 * 512**3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rate(lambda: a @ a, flops) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.ones(64 * 2**20)
+    y = torch.empty_like(x)
+    return {"matmul_gflops_1_thread": one, "matmul_gflops_all_threads": rate(lambda: a @ a, flops) / 1e9,
+            "threads": threads, "memory_copy_gb_s": rate(lambda: y.copy_(x), 2.0 * x.nbytes) / 1e9}
 
 
 def _version(md: Any, name: str) -> str | None:
@@ -130,6 +193,58 @@ def vllm_attention(llm: Any) -> dict[str, Any]:
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def vllm_gemm(dtype: str = "float32", shape: tuple[int, int] = (1536, 576)) -> dict[str, Any]:
+    """Which GEMM kernel vLLM's CPU linear layers use on this machine and the ISA oneDNN's JIT picks for it.
+
+    vLLM chooses per host (``dispatch_cpu_unquantized_gemm``: zentorch on AMD Zen with zentorch installed, its
+    SGL kernel with AMX for 16-bit weights, its oneDNN ``onednn_mm`` otherwise, torch's linear last), and oneDNN
+    chooses its code by the CPU's instruction sets. Measured by running vLLM's own dispatch on a ``shape``
+    (out x in) weight of the embedded model in a child process with ``ONEDNN_VERBOSE=1``; errors are recorded.
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from benchmarks.machine import _gemm_path; "
+            f"print('L2S_GEMM ' + json.dumps(_gemm_path(torch.{dtype}, {shape[0]}, {shape[1]})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "ONEDNN_VERBOSE": "1", "VLLM_LOGGING_LEVEL": "ERROR"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    lines = run.stdout.splitlines()
+    found = [json.loads(ln[len("L2S_GEMM "):]) for ln in lines if ln.startswith("L2S_GEMM ")]
+    out: dict[str, Any] = found[-1] if found else {"error": (run.stderr.strip().splitlines() or ["no output"])[-1]}
+    isa = [ln.split("isa:", 1)[1].strip() for ln in lines if ln.startswith("onednn_verbose") and "isa:" in ln]
+    # "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core,...": the primitive and its code
+    impls = sorted({"{}: {}".format(*f[5:7]) for f in (ln.split(",") for ln in lines)
+                    if f[0] == "onednn_verbose" and f[3:4] == ["exec"] and len(f) > 6})
+    version = [ln.split("info,", 1)[1] for ln in lines if ln.startswith("onednn_verbose") and "info,oneDNN" in ln]
+    out["onednn"] = version[0] if version else None
+    out["onednn_isa"] = isa[0] if isa else None
+    out["onednn_implementations"] = impls
+    return out
+
+
+def _gemm_path(dtype: Any, n: int, k: int) -> dict[str, Any]:
+    """vLLM's CPU GEMM dispatch on one (n x k) weight, then one call of the chosen kernel (in the child process)."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.platforms import current_platform
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(n, k, dtype=dtype), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    fn = layer.cpu_linear
+    names = set(getattr(getattr(fn, "__code__", None), "co_names", ()))
+    kernel = ("torch linear" if fn is torch.nn.functional.linear else
+              next((k for k in ("zentorch_linear_unary", "weight_packed_linear_cpu", "onednn_mm") if k in names),
+                   repr(fn)))
+    fn(torch.randn(16, k, dtype=dtype), layer.weight, None)
+    return {"platform": type(current_platform).__name__, "dtype": str(dtype), "weight": [n, k], "kernel": kernel}
 
 
 def _role(p: Any) -> str:
@@ -165,6 +280,45 @@ def tree_usage() -> dict[str, dict[str, float]]:
     return out
 
 
+def thread_usage(role: str = "worker") -> dict[str, dict[str, Any]]:
+    """Per thread of vLLM's ``role`` process (by thread id): its name, CPU seconds, preemptions and the cores it
+    may run on; {} when there is no such process."""
+    out: dict[str, dict[str, Any]] = {}
+    for r, p in _processes():
+        if r != role:
+            continue
+        try:
+            threads = p.threads()
+        except Exception:  # the process ended
+            return out
+        for t in threads:
+            try:
+                with open(f"/proc/{p.pid}/task/{t.id}/status") as f:
+                    st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            except OSError:
+                continue
+            out[str(t.id)] = {"name": st.get("Name"), "cpu_s": t.user_time + t.system_time,
+                              "preemptions": int(st.get("nonvoluntary_ctxt_switches", "0")),
+                              "allowed_cores": st.get("Cpus_allowed_list")}
+        break
+    return out
+
+
+def _threads_since(start: dict[str, dict[str, Any]], wall: float, top: int = 4) -> dict[str, Any]:
+    """The worker's busiest threads over a section (cores = CPU seconds / wall seconds) and the rest summed: shows
+    whether its OpenMP threads have a core each and whether any other thread takes time from them."""
+    rows = []
+    for tid, now in thread_usage().items():
+        was = start.get(tid, {"cpu_s": 0.0, "preemptions": 0})
+        rows.append({"name": now["name"], "allowed_cores": now["allowed_cores"],
+                     "cores": (now["cpu_s"] - was["cpu_s"]) / wall,
+                     "preemptions_per_s": (now["preemptions"] - was["preemptions"]) / wall})
+    rows.sort(key=lambda r: -r["cores"])
+    rest = rows[top:]
+    return {"busiest": rows[:top], "others": {"threads": len(rest), "cores": sum(r["cores"] for r in rest),
+                                              "max_cores": max((r["cores"] for r in rest), default=0.0)}}
+
+
 class CoresUsed:
     """How many cores each process of an engine kept busy over a section of a run (CPU seconds / wall seconds).
 
@@ -176,21 +330,25 @@ class CoresUsed:
 
     def __init__(self) -> None:
         self.t0, self.u0, self.s0 = time.perf_counter(), tree_usage(), proc_stat()
+        self.threads0 = thread_usage()
 
     def stop(self) -> dict[str, Any]:
-        """Per role since the start: CPU seconds, preemptions, and both per wall second; the host's CPU shares."""
+        """Per role since the start: CPU seconds, preemptions, and both per wall second; the host's CPU shares;
+        the worker's busiest threads."""
         wall, u1 = time.perf_counter() - self.t0, tree_usage()
         used = {r: {k: v - self.u0.get(r, {}).get(k, 0.0) for k, v in u.items()} for r, u in u1.items()}
         return {"wall_s": wall, "cpu_s": {r: u["cpu_s"] for r, u in used.items()},
                 "preemptions": {r: u["involuntary_switches"] for r, u in used.items()},
                 "cores": {r: u["cpu_s"] / wall for r, u in used.items()},
                 "preemptions_per_s": {r: u["involuntary_switches"] / wall for r, u in used.items()},
-                "host": cpu_shares(self.s0, proc_stat())}
+                "host": cpu_shares(self.s0, proc_stat()),
+                "worker_threads": _threads_since(self.threads0, wall) if self.threads0 else None}
 
 
 def worker_facts() -> dict[str, Any]:
     """vLLM's worker process as the kernel sees it: its threads and the cores each may run on, the OpenMP
-    runtimes mapped into it (more than one is the #27369 failure) and its ``LD_PRELOAD``."""
+    runtimes mapped into it (more than one is the #27369 failure), the cores and NUMA memory nodes it may use
+    (vLLM binds both) and its ``LD_PRELOAD``."""
     out: dict[str, Any] = {}
     for role, p in _processes():
         if role != "worker":
@@ -209,7 +367,12 @@ def worker_facts() -> dict[str, Any]:
             libs = sorted(m for m in mapped if re.search(r"lib(g|i)?omp[^/]*\.so", m))
             with open(f"/proc/{p.pid}/environ", "rb") as f:
                 env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+            with open(f"/proc/{p.pid}/status") as f:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
             out = {"threads": len(tids), "threads_by_allowed_cores": affinity, "openmp_runtimes": libs,
+                   "cpus_allowed": status.get("Cpus_allowed_list"),
+                   "memory_nodes_allowed": status.get("Mems_allowed_list"),
+                   "anon_huge_pages_kib": huge_pages_kib(p.pid),
                    "ld_preload": env.get(b"LD_PRELOAD", b"").decode(errors="replace") or None,
                    "omp_num_threads": env.get(b"OMP_NUM_THREADS", b"").decode(errors="replace") or None}
         except Exception as e:  # recorded, not raised: a fact we could not read

@@ -12,6 +12,9 @@ rendering of the demo questions) and generates exactly ``new_tokens`` greedy tok
 vector (one random [576] vector, norm 8, alpha 1, every position) is added at the output of decoder block 12
 by each tool. Variants run interleaved (order rotated each repetition); ratios are medians of paired
 per-repetition ratios.
+Each engine process also records what the throughput depends on (``machine.vllm_worker``: its vLLM worker's
+threads, allowed cores and OpenMP runtimes; ``machine.vllm_cores_used``: the median cores each of its processes
+kept busy while generating, per batch and variant; see ``benchmarks/machine.py``).
 
 **nnsight on the Hugging Face side.** L2S written as an nnsight intervention (read h at L'=10 at the last
 prompt token in the prefill step, v = g(h), add alpha * v at the output of block 12 at every step) and a
@@ -35,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import print_table, timings
-from benchmarks.machine import finish, machine_facts
+from benchmarks.machine import CoresUsed, finish, machine_facts, vllm_gemm
 
 LAYER, CONTEXT_LAYER, ALPHA, VECTOR_NORM = 12, 10, 1.0, 8.0
 SHIMS = Path(__file__).resolve().parent / "peer_shims"
@@ -123,9 +126,9 @@ def worker(kind: str, address: tuple[str, int], authkey: bytes, setup_path: str)
         llm = _engine(kind, ENGINES[kind][1])
         from vllm.inputs import TokensPrompt
 
-        from benchmarks.machine import vllm_attention
+        from benchmarks.machine import vllm_attention, worker_facts
 
-        info = {"attention": vllm_attention(llm), "pid": os.getpid()}
+        info = {"attention": vllm_attention(llm), "pid": os.getpid(), "worker": worker_facts()}
         conn.send({"ok": True, "info": info})
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send({"ok": False, "error": _err(e), "traceback": traceback.format_exc()})
@@ -138,10 +141,12 @@ def worker(kind: str, address: tuple[str, int], authkey: bytes, setup_path: str)
         try:
             n, tokens = msg["n"], msg["tokens"]
             params = [_sampling(kind, msg["variant"], setup, tokens) for _ in range(n)]
+            used = CoresUsed()
             t = time.perf_counter()
             outs = llm.generate(prompts[:n], params, use_tqdm=False)
             dt = time.perf_counter() - t
-            conn.send({"ok": True, "seconds": dt, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+            conn.send({"ok": True, "seconds": dt, "cores": used.stop()["cores"],
+                       "tokens": [list(o.outputs[0].token_ids) for o in outs]})
         except BaseException as e:  # noqa: BLE001
             conn.send({"ok": False, "error": _err(e), "traceback": traceback.format_exc()})
             break
@@ -323,6 +328,7 @@ def bench_vllm(tmp: Path, *, reps: int, batches: tuple[int, ...], new_tokens: in
                     else:
                         out["engines"][k]["error"] = engines[k].error
         per_batch: dict[int, dict[str, list[float]]] = {}
+        cores: dict[str, dict[str, dict[str, list[float]]]] = {}  # batch -> variant -> process role -> per repetition
         for b in batches:
             names = [f"{k}/{v}" for k, v in live if engines[k].error is None]
             secs: dict[str, list[float]] = {name: [] for name in names}
@@ -336,9 +342,13 @@ def bench_vllm(tmp: Path, *, reps: int, batches: tuple[int, ...], new_tokens: in
                         names = [x for x in names if x != name]
                         continue
                     secs[name].append(res["seconds"])
+                    for role, c in res.get("cores", {}).items():
+                        cores.setdefault(f"b{b}", {}).setdefault(name, {}).setdefault(role, []).append(c)
                 print(f"    batch {b}, repetition {r + 1}/{reps} done", flush=True)
             per_batch[b] = secs
         out["seconds"] = {str(b): s for b, s in per_batch.items()}
+        out["cores_used"] = {b: {name: {role: statistics.median(v) for role, v in roles.items()}
+                                 for name, roles in by_name.items()} for b, by_name in cores.items()}
         out["tokens_equal"] = _token_report(tokens, batches)
         out["ratios"] = _ratios(per_batch, batches, new_tokens)
     finally:
@@ -497,7 +507,7 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
     import importlib.metadata as md
 
     started = time.perf_counter()
-    facts = machine_facts(vllm_cpu_binding=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+    facts = machine_facts(vllm_cpu_binding=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), vllm_gemm=vllm_gemm())
     if smoke:
         n_reps, batches, new_tokens, hf_batches, hf_tokens = 1, (4,), 8, (1, 4), 8
     elif quick:
@@ -530,6 +540,8 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
             vl["wall_s"] = time.perf_counter() - t
             facts["vllm_attention"] = next((e.get("attention") for e in vl["engines"].values()
                                             if e.get("attention")), None)
+            facts["vllm_worker"] = {k: e["worker"] for k, e in vl["engines"].items() if e.get("worker") is not None}
+            facts["vllm_cores_used"] = vl.get("cores_used")  # median cores per process role while generating
         if "nnsight" not in errors:
             print("nnsight (HF) ...", flush=True)
             try:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.common import print_table, ratio, timings
-from benchmarks.machine import CoresUsed, finish, machine_facts, vllm_attention, worker_facts
+from benchmarks.machine import CoresUsed, finish, machine_facts, vllm_attention, vllm_gemm, worker_facts
 
 
 def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = None) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
                                                        predictor=L2SNet(576, 576), context_layer=20, alpha=1.0))
     plain = MethodConfig()
     questions = demo_requests()
-    facts = machine_facts()
+    facts = machine_facts(vllm_gemm=vllm_gemm())  # the GEMM kernel and oneDNN ISA vLLM uses on this host
     engine = VLLMEngine.create("default", enforce_eager=False, max_num_seqs=64)
     attention, worker = vllm_attention(engine.llm), worker_facts()
 

@@ -18,7 +18,12 @@ team. The HF engine is one process. This script measures those suspects one at a
 * ``bind01_kv1``: ``bind01`` with a 1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE=1``) instead of the default;
 * ``bind01_neighbour`` / ``hf_neighbour``: vLLM and the HF engine with a neighbour, one busy process
   (what a noisy co-tenant or a stray job does to a 2-core VM);
-* ``hf``: the HF engine alone.
+* ``hf``: the HF engine alone;
+* opt-in (``--only``): ``vanilla`` / ``plugin_loaded`` (a plain ``vllm.LLM`` without any plugin and with
+  learn2steer's plugin loaded but unused), ``preload_system_libgomp`` / ``preload_intel_openmp`` (a second
+  OpenMP runtime, vLLM issue #27369) and ``bind01_thp`` / ``hf_thp`` (``THP_MEM_ALLOC_ENABLE=1``: torch's
+  allocator asks for transparent huge pages). The kernel's own THP policy (``always`` / ``madvise``) is a host
+  setting, recorded in ``machine.transparent_hugepages``; to measure it, run ``--only bind01,hf`` under each.
 
 Each setting runs in its own process (vLLM reads these variables at start), twice, in alternating order
 (ABC...ABC), unsteered greedy generation of 128 tokens for 16 and 64 demo prompts (``ignore_eos``),
@@ -59,6 +64,18 @@ OPENMP_SETTINGS: dict[str, dict[str, str]] = {
     "preload_intel_openmp": {"LD_PRELOAD": str(Path(sys.prefix) / "lib" / "libiomp5.so"), **SETTINGS["bind01"]},
 }
 SETTINGS.update({k: v for k, v in OPENMP_SETTINGS.items() if v["LD_PRELOAD"] and Path(v["LD_PRELOAD"]).exists()})
+#: torch's CPU allocator asks the kernel for transparent huge pages (``madvise``) for allocations of 2 MiB and
+#: more: what a host whose policy is ``always`` gives every process. Not in the default list;
+#: ``--only bind01,bind01_thp,hf,hf_thp`` runs them.
+THP_SETTINGS: dict[str, dict[str, str]] = {"bind01_thp": {**SETTINGS["bind01"], "THP_MEM_ALLOC_ENABLE": "1"},
+                                           "hf_thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+SETTINGS.update(THP_SETTINGS)
+#: the same plain ``vllm.LLM`` (the peers benchmark's ``vanilla`` engine: learn2steer's engine settings, prompts
+#: as token ids) without any plugin and with learn2steer's plugin loaded but unused: does loading the plugin
+#: change vLLM's speed? Not in the default list; ``--only vanilla,plugin_loaded`` runs them.
+PLUGIN_SETTINGS: dict[str, dict[str, str]] = {"vanilla": {**SETTINGS["bind01"], "VLLM_PLUGINS": ""},
+                                              "plugin_loaded": {**SETTINGS["bind01"], "VLLM_PLUGINS": "learn2steer"}}
+SETTINGS.update(PLUGIN_SETTINGS)
 NEW_TOKENS = 128
 
 
@@ -67,7 +84,7 @@ def child(name: str, reps: int, out_path: Path) -> None:
     import torch
 
     from benchmarks.common import timings
-    from benchmarks.machine import CoresUsed, machine_facts, worker_facts
+    from benchmarks.machine import CoresUsed, huge_pages_kib, machine_facts, worker_facts
     from learn2steer.evaluation.datasets import demo_requests
     from learn2steer.methods import MethodConfig
 
@@ -86,6 +103,28 @@ def child(name: str, reps: int, out_path: Path) -> None:
         def run(b: int) -> Any:
             return lambda: engine.answer(plain, questions[:b], max_new_tokens=NEW_TOKENS, batch_size=b,
                                          progress=False)
+    elif name in PLUGIN_SETTINGS:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from benchmarks.peers import _engine
+        from learn2steer.methods import prompt_rows
+        from learn2steer.models.loading import template_handle
+        from learn2steer.models.prompts import encode_row
+
+        llm = _engine("vanilla", False)  # a plain vllm.LLM with learn2steer's engine settings
+        handle = template_handle("default")
+        prompts = [TokensPrompt(prompt_token_ids=encode_row(handle, r)[0]["input_ids"][0].tolist())
+                   for r in prompt_rows(plain, questions[:64])]
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
+        cache = llm.llm_engine.vllm_config.cache_config
+        result["kv_cache"] = {"kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
+                              "num_blocks": getattr(cache, "num_gpu_blocks", None), "block_size": cache.block_size}
+        result["plugins"] = os.environ.get("VLLM_PLUGINS")
+        sizes = (16, 64)
+
+        def run(b: int) -> Any:
+            return lambda: llm.generate(prompts[:b], [params] * b, use_tqdm=False)
     else:
         from learn2steer.engines.vllm.offline import VLLMEngine
 
@@ -106,6 +145,8 @@ def child(name: str, reps: int, out_path: Path) -> None:
     t = timings(fns, reps)
     used = result["cores_used"] = cores.stop()
     result["worker"] = worker_facts()
+    if name.startswith("hf"):  # the HF engine computes in this process
+        result["anon_huge_pages_kib"] = huge_pages_kib(os.getpid())
     tokens = sum(reps * int(k[1:]) * NEW_TOKENS for k in fns)
     result.update({
         "seconds": t,
@@ -115,7 +156,9 @@ def child(name: str, reps: int, out_path: Path) -> None:
         "host_steal_fraction": used["host"].get("steal"), "host_idle_fraction": used["host"].get("idle"),
         "torch_threads": torch.get_num_threads(), "machine": facts})
     out_path.write_text(json.dumps(result, indent=1))
-    if not name.startswith("hf"):
+    if name in PLUGIN_SETTINGS:
+        llm.llm_engine.engine_core.shutdown()
+    elif not name.startswith("hf"):
         vllm.close()
 
 
@@ -125,7 +168,8 @@ def _neighbour() -> subprocess.Popen[bytes]:
 
 
 def main(json_path: Path | None, *, rounds: int = 2, reps: int = 2, only: list[str] | None = None) -> dict[str, Any]:
-    names = only or [n for n in SETTINGS if n not in OPENMP_SETTINGS]
+    names = only or [n for n in SETTINGS if n not in OPENMP_SETTINGS and n not in THP_SETTINGS
+                     and n not in PLUGIN_SETTINGS]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     started = time.perf_counter()
     for r in range(rounds):
@@ -134,7 +178,7 @@ def main(json_path: Path | None, *, rounds: int = 2, reps: int = 2, only: list[s
                 out = Path(tmp) / "child.json"
                 env = {k: v for k, v in os.environ.items() if k not in
                        ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_WAIT_POLICY",
-                        "VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD")}
+                        "VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "VLLM_PLUGINS")}
                 env.update(SETTINGS[name])
                 hog = _neighbour() if name.endswith("neighbour") else None
                 try:
@@ -157,7 +201,7 @@ def main(json_path: Path | None, *, rounds: int = 2, reps: int = 2, only: list[s
         ok = [x for x in rs if "tokens_per_s" in x]
         if not ok:
             continue
-        base = "hf" if name.startswith("hf") else "bind01"
+        base = "hf" if name.startswith("hf") else "vanilla" if name in PLUGIN_SETTINGS else "bind01"
         entry: dict[str, Any] = {
             "tokens_per_s": {b: [x["tokens_per_s"][b] for x in ok] for b in ok[0]["tokens_per_s"]},
             "cpu_ms_per_token": {role: statistics.median(x["cpu_ms_per_token"].get(role, 0.0) for x in ok)
