@@ -144,6 +144,7 @@ def test_score_mmsb_reproduces_the_official_rows_and_names_its_rule(tmp_path) ->
 @pytest.mark.parametrize("option,values", [
     ("--engine", ("hf", "vllm")), ("--task", ("safety", "pope", "chair")), ("--scope", ("all", "prompt", "generated")),
     ("--split", ("auto", "category", "image", "permutation")), ("--dtype", ("auto", "float32", "bfloat16", "float16")),
+    ("--strength", ("absolute", "relative")),
 ])
 def test_fixed_choices_are_the_options_choices(option, values) -> None:
     """The choices the CLI offers come from the config's Literal types (tasks: from the task registry), the same

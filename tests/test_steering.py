@@ -415,3 +415,11 @@ def test_the_scope_names_configs_accept_are_the_scopes() -> None:
     from learn2steer.steering import ScopeName
 
     assert get_args(ScopeName) == tuple(s.value for s in Scope)
+
+
+def test_the_strength_names_configs_accept_are_the_strengths() -> None:
+    from typing import get_args
+
+    from learn2steer.steering import Strength, StrengthName
+
+    assert get_args(StrengthName) == tuple(s.value for s in Strength)

@@ -54,7 +54,7 @@ class Contrast:
     suffix: str
     positive: str
     negative: str
-    position: str = "last"
+    position: ContrastPosition = "last"
 
     def __post_init__(self) -> None:
         check_choice(ContrastPosition, self.position, "contrast position")
@@ -88,7 +88,7 @@ class BehaviourSpec:
     decline_groups: list[str] = field(default_factory=list)
     defer_groups: list[str] = field(default_factory=list)
     end_offset: dict[str, int] = field(default_factory=dict)
-    context_read: str = "prompt_last"
+    context_read: ContextPosition = "prompt_last"
     prompt_placement: PromptPlacement = "system"
 
     # fields added after 0.2: left out of ``to_dict`` at their defaults, so older specs keep their fingerprint
@@ -121,7 +121,7 @@ class BehaviourSpec:
             raise InvalidInputError(f"behaviour {self.name!r}: end_offset only applies to the position turn_end")
 
     @property
-    def position(self) -> str:
+    def position(self) -> ContrastPosition:
         """Where the P2S target is read (shared by every contrast of the spec)."""
         return next(iter(self.contrasts.values())).position
 

@@ -23,7 +23,7 @@ from learn2steer.methods import METHODS, MethodConfig
 from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape
 from learn2steer.options import as_dict, check_choices
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Scope, ScopeName, Strength, check_alpha
+from learn2steer.steering import Scope, ScopeName, Strength, StrengthName, check_alpha
 from learn2steer.training import save_artifacts, train_artifacts
 
 
@@ -79,7 +79,7 @@ class TrainJob(TrainConfig):
     alpha: float = field(default=1.0, metadata={"help": "Default strength stored in the artifacts."})
     scope: ScopeName = field(default="all", metadata={
         "help": "Default scope stored in the artifacts: " + ", ".join(s.value for s in Scope)})
-    strength: str = field(default="absolute", metadata={
+    strength: StrengthName = field(default="absolute", metadata={
         "help": "What alpha measures, stored in the artifacts: absolute (alpha * v) | relative (a fraction of "
                 "each position's residual norm)."})
 
@@ -144,7 +144,7 @@ class GenerateJob(ModelOptions, DataOptions):
     alpha: float | None = field(default=None, metadata={"help": "Strength (default: the artifact's)."})
     scope: ScopeName | None = field(default=None, metadata={
         "help": "all | prompt | generated (default: the artifact's)."})
-    strength: str | None = field(default=None, metadata={
+    strength: StrengthName | None = field(default=None, metadata={
         "help": "absolute | relative: alpha as a fraction of each position's residual norm (default: the "
                 "artifact's)."})
     max_new_tokens: int = field(default=200, metadata={"help": "New tokens per answer."})

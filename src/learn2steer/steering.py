@@ -37,6 +37,8 @@ from learn2steer.vectors import SteeringVector
 
 #: the names of :class:`Scope`, as config fields type them (the CLI's choices)
 ScopeName = Literal["all", "prompt", "generated"]
+#: the names of :class:`Strength`, as config fields type them (the CLI's choices)
+StrengthName = Literal["absolute", "relative"]
 
 
 _N = TypeVar("_N", bound="_Named")

@@ -39,7 +39,7 @@ from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import ScopeName, Strength, check_alphas
+from learn2steer.steering import ScopeName, Strength, StrengthName, check_alphas
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
 
 
@@ -60,7 +60,7 @@ class EvalConfig(ModelOptions, DataOptions):
     context_layer: int | None = field(default=None, metadata={"help": "L' for every L* (default: L' = L*)."})
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "Strengths to sweep."})
     scope: ScopeName = field(default="all", metadata={"help": "all | prompt | generated (the paper: all)."})
-    strength: str = field(default="absolute", metadata={
+    strength: StrengthName = field(default="absolute", metadata={
         "help": "What the alphas measure: absolute (alpha * v, the paper) | relative (a fraction of each "
                 "position's residual-stream norm)."})
     test_fraction: float = field(default=0.5, metadata={"help": "Share of examples held out for the test split."})
