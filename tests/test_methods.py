@@ -111,6 +111,6 @@ def test_strength_flows_from_artifact_cli_and_eval_settings(setup, tmp_path) -> 
     assert GenerateJob(prompt=["hi"], artifact=str(saved), strength="absolute").method_config().strength == "absolute"
     with pytest.raises(InvalidInputError, match="unknown strength 'loud'"):
         MethodConfig.from_artifact(art, strength="loud")
-    with pytest.raises(InvalidInputError, match="unknown strength"):
-        EvalConfig(out=tmp_path, strength="loud")
+    with pytest.raises(InvalidInputError, match="strength must be one of absolute, relative, got 'loud'"):
+        EvalConfig(out=tmp_path, strength="loud")  # the sentence of every fixed choice (options.check_choice)
     assert config_for("mean", artifacts=arts, strength="relative").strength == "relative"

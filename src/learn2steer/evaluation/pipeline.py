@@ -39,7 +39,7 @@ from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import ScopeName, Strength, StrengthName, check_alphas
+from learn2steer.steering import ScopeName, StrengthName, check_alphas
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
 
 
@@ -98,7 +98,7 @@ class EvalConfig(ModelOptions, DataOptions):
     batch_size: int = field(default=8, metadata={"help": "Generation and extraction batch size."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # the fixed choices: task, scope, split, safety_rule, engine, dtype
+        super().__post_init__()  # the fixed choices: task, scope, strength, split, safety_rule, engine, dtype
         if not self.methods:
             raise InvalidInputError("give at least one method")
         for m in self.methods:
@@ -110,7 +110,6 @@ class EvalConfig(ModelOptions, DataOptions):
         if not self.alphas:
             raise InvalidInputError("give at least one strength (--alphas)")
         check_alphas(self.alphas)
-        Strength.parse(self.strength)  # an enum with its own sentence ("unknown strength ...")
         if not 0 < self.select_fraction < 1:
             raise InvalidInputError(f"select_fraction must be between 0 and 1, got {self.select_fraction}")
         for name in ("max_new_tokens", "batch_size", "train_limit", "test_limit"):
