@@ -280,6 +280,12 @@ def tree_usage() -> dict[str, dict[str, float]]:
     return out
 
 
+def _proc_status(path: str) -> dict[str, str]:
+    """A ``/proc/.../status`` file as a dict (``Name``, ``Cpus_allowed_list``, ``nonvoluntary_ctxt_switches``...)."""
+    with open(path) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
 def thread_usage(role: str = "worker") -> dict[str, dict[str, Any]]:
     """Per thread of vLLM's ``role`` process (by thread id): its name, CPU seconds, preemptions and the cores it
     may run on; {} when there is no such process."""
@@ -293,8 +299,7 @@ def thread_usage(role: str = "worker") -> dict[str, dict[str, Any]]:
             return out
         for t in threads:
             try:
-                with open(f"/proc/{p.pid}/task/{t.id}/status") as f:
-                    st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+                st = _proc_status(f"/proc/{p.pid}/task/{t.id}/status")
             except OSError:
                 continue
             out[str(t.id)] = {"name": st.get("Name"), "cpu_s": t.user_time + t.system_time,
@@ -367,8 +372,7 @@ def worker_facts() -> dict[str, Any]:
             libs = sorted(m for m in mapped if re.search(r"lib(g|i)?omp[^/]*\.so", m))
             with open(f"/proc/{p.pid}/environ", "rb") as f:
                 env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
-            with open(f"/proc/{p.pid}/status") as f:
-                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            status = _proc_status(f"/proc/{p.pid}/status")
             out = {"threads": len(tids), "threads_by_allowed_cores": affinity, "openmp_runtimes": libs,
                    "cpus_allowed": status.get("Cpus_allowed_list"),
                    "memory_nodes_allowed": status.get("Mems_allowed_list"),

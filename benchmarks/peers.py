@@ -251,13 +251,21 @@ def _same(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
             "min_common_prefix": min(pref) if pref else 0}
 
 
+def prompt_ids(n: int) -> list[list[int]]:
+    """The first ``n`` demo questions as learn2steer renders them (chat template, unsteered), as token ids."""
+    from learn2steer.evaluation.datasets import demo_requests
+    from learn2steer.methods import MethodConfig, prompt_rows
+    from learn2steer.models.loading import template_handle
+    from learn2steer.models.prompts import encode_row
+
+    handle = template_handle("default")
+    return [encode_row(handle, r)[0]["input_ids"][0].tolist() for r in prompt_rows(MethodConfig(), demo_requests()[:n])]
+
+
 def _setup(tmp: Path, n: int) -> dict[str, Any]:
     """Prompts, the fixed vector (for each tool's format) and the learn2steer artifacts, written to ``tmp``."""
     from learn2steer.artifacts import SteeringArtifact
-    from learn2steer.evaluation.datasets import demo_requests
-    from learn2steer.methods import MethodConfig, prompt_rows
-    from learn2steer.models.loading import DEFAULT_MODEL_NAME, template_handle
-    from learn2steer.models.prompts import encode_row
+    from learn2steer.models.loading import DEFAULT_MODEL_NAME
     from learn2steer.predictor import L2SNet
     from learn2steer.vectors import SteeringVector
 
@@ -273,10 +281,7 @@ def _setup(tmp: Path, n: int) -> dict[str, Any]:
     l2s = SteeringArtifact(kind="l2s", method="l2s", predictor=net, context_layer=CONTEXT_LAYER, **common)
     fixed.save(tmp / "fixed")
     l2s.save(tmp / "l2s")
-    handle = template_handle("default")
-    rows = prompt_rows(MethodConfig(), demo_requests()[:n])
-    ids = [encode_row(handle, r)[0]["input_ids"][0].tolist() for r in rows]
-    setup = {"prompt_ids": ids, "vector_pt": str(tmp / "hotwire" / "v.pt"), "fixed_dir": str(tmp / "fixed"),
+    setup = {"prompt_ids": prompt_ids(n), "vector_pt": str(tmp / "hotwire" / "v.pt"), "fixed_dir": str(tmp / "fixed"),
              "l2s_dir": str(tmp / "l2s")}
     (tmp / "setup.json").write_text(json.dumps(setup))
     return {"vector": v, "net": net, "fixed": fixed, "l2s": l2s}

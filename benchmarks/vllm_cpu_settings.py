@@ -107,19 +107,11 @@ def child(name: str, reps: int, out_path: Path) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from benchmarks.peers import _engine
-        from learn2steer.methods import prompt_rows
-        from learn2steer.models.loading import template_handle
-        from learn2steer.models.prompts import encode_row
+        from benchmarks.peers import _engine, prompt_ids
 
         llm = _engine("vanilla", False)  # a plain vllm.LLM with learn2steer's engine settings
-        handle = template_handle("default")
-        prompts = [TokensPrompt(prompt_token_ids=encode_row(handle, r)[0]["input_ids"][0].tolist())
-                   for r in prompt_rows(plain, questions[:64])]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(64)]
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True)
-        cache = llm.llm_engine.vllm_config.cache_config
-        result["kv_cache"] = {"kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
-                              "num_blocks": getattr(cache, "num_gpu_blocks", None), "block_size": cache.block_size}
         result["plugins"] = os.environ.get("VLLM_PLUGINS")
         sizes = (16, 64)
 
@@ -129,14 +121,16 @@ def child(name: str, reps: int, out_path: Path) -> None:
         from learn2steer.engines.vllm.offline import VLLMEngine
 
         vllm = VLLMEngine.create("default", enforce_eager=False, max_num_seqs=64)
-        cache = vllm.llm.llm_engine.vllm_config.cache_config
-        result["kv_cache"] = {"kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
-                              "num_blocks": getattr(cache, "num_gpu_blocks", None), "block_size": cache.block_size}
+        llm = vllm.llm
         sizes = (16, 64)
 
         def run(b: int) -> Any:
             return lambda: vllm.generate(vllm.requests(plain, questions[:b], max_new_tokens=NEW_TOKENS,
                                                        ignore_eos=True, min_tokens=NEW_TOKENS))
+    if not name.startswith("hf"):
+        cache = llm.llm_engine.vllm_config.cache_config
+        result["kv_cache"] = {"kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
+                              "num_blocks": getattr(cache, "num_gpu_blocks", None), "block_size": cache.block_size}
     result["start_s"] = time.perf_counter() - started
     fns = {f"b{b}": run(b) for b in sizes}
     for f in fns.values():
