@@ -23,7 +23,7 @@ from learn2steer.methods import METHODS, MethodConfig
 from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape
 from learn2steer.options import as_dict, check_choices
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Scope, ScopeName, Strength, StrengthName, check_alpha
+from learn2steer.steering import Scope, ScopeName, StrengthName, check_alpha
 from learn2steer.training import save_artifacts, train_artifacts
 
 
@@ -115,7 +115,7 @@ class TrainJob(TrainConfig):
                                        rescale_group=spec.get("rescale_group") if self.rescale else None,
                                        alpha=self.alpha, scope=self.scope, gate=self.gate, progress=progress)
         for art in arts.values():
-            art.strength = Strength.parse(self.strength).value
+            art.strength = self.strength  # a StrengthName, checked with the other fixed choices
         write_json(out / "settings.json", {"command": "train", "version": __version__, **as_dict(self)})
         paths = save_artifacts(arts, out)
         write_json(out / "training_history.json", result.history)
