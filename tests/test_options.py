@@ -8,6 +8,7 @@ import pytest
 
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.pipeline import EvalConfig
+from learn2steer.evaluation.tasks import SafetyOptions
 from learn2steer.jobs import GenerateJob, TrainJob
 from learn2steer.options import build, read_config
 
@@ -15,7 +16,7 @@ from learn2steer.options import build, read_config
 def test_values_are_typed_and_merged_in_order() -> None:
     cfg = build(EvalConfig, {"layers": [10, 12], "alphas": "0.5,1e-1", "tiny": True, "out": "runs/x",
                              "train": {"lr": "1e-4", "epochs": 7}}, {"train": {"epochs": 9}})
-    assert cfg.layers == [10, 12] and cfg.alphas == [0.5, 0.1] and cfg.tiny is True and cfg.out == Path("runs/x")
+    assert cfg.layers == [10, 12] and cfg.alphas == [0.5, 0.1] and cfg.mmsb.tiny is True and cfg.out == Path("runs/x")
     assert cfg.train.lr == 1e-4 and cfg.train.epochs == 9, "a later layer wins, key by key"
     job = build(GenerateJob, {"prompt": ["hello", "world"]})
     assert job.prompt == ["hello", "world"], "a list stays a list (v0.1 split it into characters)"
@@ -66,7 +67,6 @@ def test_read_config(tmp_path) -> None:
     ({"task": "qa"}, "unknown task 'qa'; choose one of safety, pope, chair"),
     ({"scope": "everywhere"}, "scope must be one of all, prompt, generated"),
     ({"split": "random"}, "split must be one of auto, category, image, permutation"),
-    ({"safety_rule": "strict"}, "safety_rule must be one of auto, paper, clean, all"),
     ({"dtype": "fp8"}, "dtype must be one of auto, float32, bfloat16, float16"),
 ])
 def test_a_config_built_in_python_checks_the_same_choices(values, match) -> None:
@@ -75,3 +75,10 @@ def test_a_config_built_in_python_checks_the_same_choices(values, match) -> None
         EvalConfig(**values)
     with pytest.raises(InvalidInputError, match="engine must be one of hf, vllm"):
         GenerateJob(engine="gpu")  # type: ignore[arg-type]
+
+
+def test_a_task_option_built_in_python_checks_its_choices_too() -> None:
+    with pytest.raises(InvalidInputError, match="rule must be one of auto, paper, clean, all, got 'strict'"):
+        SafetyOptions(rule="strict")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="key 'rule' must be one of auto, paper, clean, all"):
+        build(EvalConfig, {"safety_rule": "strict"})  # the flat spelling of 0.3 reaches the task's own option

@@ -30,13 +30,17 @@ PromptPlacement = Literal["system", "user", "append"]
 
 @dataclass(frozen=True)
 class Example:
-    """One dataset row: the user's question, optional image, its category and optional label."""
+    """One dataset row: the user's question, optional image, its category and optional label.
+
+    ``group``: what must stay on one side of a split with it (an image's questions share it); None: the image.
+    """
 
     id: str
     question: str
     image: ImageLike | None = None
     category: str | None = None
     label: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)

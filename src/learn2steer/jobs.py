@@ -17,7 +17,7 @@ from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example, load_behaviour
 from learn2steer.engines import EngineName, generate_with, make_engine
 from learn2steer.errors import InvalidInputError
-from learn2steer.evaluation.datasets import DataOptions
+from learn2steer.evaluation.data import DataOptions
 from learn2steer.extraction import extract_to, load_extraction
 from learn2steer.methods import METHODS, MethodConfig
 from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape

@@ -15,7 +15,7 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, cast, get_args, get_origin
+from typing import Any, Iterable, Literal, Mapping, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 
@@ -166,6 +166,7 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "config"
     for layer in layers:
         if not layer:
             continue
+        layer = _unflatten(cls, layer)
         unknown = sorted(set(layer) - set(names))
         if unknown:
             raise InvalidInputError(f"{where} has unknown keys {unknown}; valid keys: {', '.join(names)}")
@@ -180,6 +181,82 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "config"
         return cls(**checked)
     except TypeError as e:
         raise InvalidInputError(f"{where}: {e}") from None
+
+
+def _unflatten(cls: type, layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` with flat spellings of nested options moved into their group: ``chair_images: 500`` is
+    ``chair_data: {images: 500}`` when the group ``chair_data`` has the prefix ``chair`` (the command line's
+    spelling, ``--chair-images``), and a group's ``aliases`` (old flat names, e.g. ``tiny``) are accepted too."""
+    groups = [(f, _optional(field_types(cls)[f.name])[1]) for f in dataclasses.fields(cast(Any, cls))]
+    groups = [(f, tp) for f, tp in groups if dataclasses.is_dataclass(tp)]
+    names = {f.name for f in dataclasses.fields(cast(Any, cls))}
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        target = None
+        if key not in names:
+            for f, tp in groups:
+                sub = {g.name for g in dataclasses.fields(tp)}
+                rest = key.removeprefix(f"{f.metadata.get('prefix', f.name)}_")
+                if rest != key and rest in sub:
+                    target = (f.name, rest)
+                elif key in getattr(tp, "aliases", {}):
+                    target = (f.name, tp.aliases[key])
+                if target:
+                    break
+        if target is None:
+            out[key] = value
+        else:
+            node = out.setdefault(target[0], {})
+            if isinstance(node, Mapping):
+                out[target[0]] = {**node, target[1]: value}
+    return out
+
+
+def group_options(cls: type, group: str, prefix: str, source: Any = None, flat: Mapping[str, Any] | None = None,
+                  *, where: str) -> Any:
+    """A registry member's own options (an instance of ``cls``): taken from ``source`` (an instance, a mapping of
+    its fields, or settings / a mapping holding it under ``group``), with ``flat`` keyword spellings on top
+    (``<prefix>_<option>``, or one of ``cls.aliases``); keys that are not its options are left alone."""
+    own = source
+    if own is not None and not isinstance(own, (cls, Mapping)):
+        own = getattr(own, group, None)
+    elif isinstance(own, Mapping) and group in own:
+        own = own[group]
+    mine: dict[str, Any] = {}
+    sub = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (flat or {}).items():
+        rest = getattr(cls, "aliases", {}).get(key, key.removeprefix(f"{prefix}_"))
+        if rest in sub:
+            mine[rest] = value
+    if own is None or isinstance(own, Mapping):
+        return build(cls, own, mine, where=where)
+    return dataclasses.replace(own, **{k: coerce(field_types(cls)[k], v, f"{where} key {k!r}")
+                                       for k, v in mine.items()}) if mine else own
+
+
+def flat_names(groups: Iterable[tuple[type, str]]) -> set[str]:
+    """Every flat keyword spelling (``<prefix>_<option>`` and aliases) of the option groups ``(class, prefix)``."""
+    out: set[str] = set()
+    for cls, prefix in groups:
+        out |= {f"{prefix}_{f.name}" for f in dataclasses.fields(cls)} | set(getattr(cls, "aliases", {}))
+    return out
+
+
+def with_groups(base: type[T], groups: Mapping[str, tuple[type, str, str]], name: str) -> type[T]:
+    """A dataclass ``name`` with ``base``'s fields plus one nested options group per entry of ``groups``
+    (field name -> (options dataclass, command-line prefix, help)).
+
+    How an open registry (datasets, tasks) gets its members' own options into the one schema: each member
+    declares a dataclass, and the commands' settings are built with a group per member, so its options appear in
+    ``--help`` (``--<prefix>-<option>``), YAML (``<field>: {option: ...}`` or the flat ``<prefix>_<option>``) and
+    Python with no edit of the settings class, the pipeline or the CLI.
+    """
+    fields = [(fname, tp, dataclasses.field(default_factory=tp, metadata={"prefix": prefix, "help": help_}))
+              for fname, (tp, prefix, help_) in groups.items()]
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,))
+    cls.__module__ = base.__module__
+    cls.__doc__ = base.__doc__
+    return cast(type[T], cls)
 
 
 def read_config(config: str | Path) -> dict[str, Any]:

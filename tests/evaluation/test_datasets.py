@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 from conftest import data_path
@@ -12,7 +13,8 @@ from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.datasets import (
     DATASETS,
-    DataOptions,
+    LoadContext,
+    MmsbOptions,
     by_ids,
     demo_requests,
     image_split,
@@ -89,7 +91,7 @@ def test_limits_and_empty_selections() -> None:
         with pytest.raises(InvalidInputError, match="--limit"):
             load_dataset("demo", limit=bad)
     with pytest.raises(InvalidInputError, match=r"^unknown dataset 'pope'; use demo, jsonl:FILE, mmsb:ROOT, "
-                                                 r"pope:FILE or chair:IMAGE_DIR$"):
+                                                 r"pope:FILE, chair:IMAGE_DIR, textpope:FILE or textchair:N$"):
         load_dataset("pope")
     with pytest.raises(InvalidInputError, match="unknown dataset 'demo:x'"):
         load_dataset("demo:x")
@@ -101,21 +103,43 @@ def dataset_registry():
         yield registry
 
 
-def test_a_registered_dataset_is_found_by_name(dataset_registry) -> None:
-    seen: list[DataOptions] = []
+@dataclass
+class LetterOptions:
+    upper: bool = False
+    step: int = 1
 
-    @register_dataset("letters", arg="WORD")
-    def letters(arg: str, opts: DataOptions) -> list[Example]:
-        seen.append(opts)
-        return [Example(str(i), c, category="letter") for i, c in enumerate(arg)]
 
-    assert [e.question for e in load_dataset("letters:abc", limit=2, tiny=True)] == ["a", "b"]
-    assert seen[0].tiny and seen[0].dataset == "letters:abc", "the loader gets the run's data options"
-    assert [e.question for e in DataOptions(dataset="letters:xy").load()] == ["x", "y"]
-    with pytest.raises(InvalidInputError, match=r"chair:IMAGE_DIR or letters:WORD$"):
+def test_a_registered_dataset_is_found_by_name_and_gets_its_own_options_whole(dataset_registry) -> None:
+    seen: list[LoadContext] = []
+
+    @register_dataset("letters", arg="WORD", options=LetterOptions)
+    def letters(arg: str, ctx: LoadContext) -> list[Example]:
+        seen.append(ctx)
+        text = arg.upper() if ctx.options.upper else arg
+        return [Example(str(i), c, category="letter") for i, c in enumerate(text[::ctx.options.step])]
+
+    assert [e.question for e in load_dataset("letters:abc", limit=2, letters_upper=True)] == ["A", "B"]
+    assert seen[0].options == LetterOptions(upper=True), "the loader gets its own options, whole"
+    assert [e.question for e in load_dataset("letters:abcd", options=LetterOptions(step=2))] == ["a", "c"]
+    assert [e.question for e in load_dataset("letters:abcd", options={"letters": {"step": 3}})] == ["a", "d"]
+    with pytest.raises(InvalidInputError, match="letters_step"):
+        load_dataset("letters:abc", letters_stpe=2)  # a misspelt option is named, with the known ones
+    with pytest.raises(InvalidInputError, match=r"textchair:N or letters:WORD$"):
         load_dataset("nope:x")
     with pytest.raises(InvalidInputError, match="unknown dataset 'letters'"):
         load_dataset("letters")
+
+
+def test_0_3_keyword_spellings_still_load(dataset_registry) -> None:
+    seen: list[LoadContext] = []
+
+    @register_dataset("probe", arg="X", options=MmsbOptions, group="mmsb")
+    def probe(arg: str, ctx: LoadContext) -> list[Example]:
+        seen.append(ctx)
+        return [Example("0", arg)]
+
+    load_dataset("probe:x", mmsb_images="typo", tiny=True, question_field="Question")
+    assert seen[0].options == MmsbOptions(images="typo", question_field="Question", tiny=True)
 
 
 def test_stratified_split_and_namespaces() -> None:

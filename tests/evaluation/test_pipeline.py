@@ -8,7 +8,9 @@ import pytest
 from conftest import data_path
 
 from learn2steer.errors import InvalidInputError
+from learn2steer.evaluation.datasets import MmsbOptions
 from learn2steer.evaluation.pipeline import EvalConfig, run_eval
+from learn2steer.evaluation.tasks import ChairOptions
 from learn2steer.methods import PAPER_METHODS
 from learn2steer.predictor import TrainConfig
 
@@ -61,7 +63,7 @@ def test_chair_captioning_with_vectors_trained_on_pope(tiny_llava, tmp_path) -> 
                      train_dataset=f"pope:{root / 'coco_pope_style_random.json'}", image_dir=str(images), limit=4,
                      layers=[2], alphas=[1.0], train=FAST, methods=["no_steering", "mean", "l2s", "p2s"],
                      max_new_tokens=6, batch_size=4,
-                     chair_gt=str(data_path("chair", "coco2014_chair_gt_objects.json.gz")))
+                     chair=ChairOptions(gt=str(data_path("chair", "coco2014_chair_gt_objects.json.gz"))))
     res = run_eval(cfg, handle=tiny_llava, progress=False)
     assert sorted(r.cell.method for r in res.results) == ["l2s", "mean", "no_steering"], "CHAIR does not admit p2s"
     assert json.loads((tmp_path / "settings.json").read_text())["skipped_methods"] == ["p2s"]
@@ -71,8 +73,9 @@ def test_chair_captioning_with_vectors_trained_on_pope(tiny_llava, tmp_path) -> 
 
 
 def test_safety_eval_on_mmsafetybench_text(tiny_llama, tmp_path) -> None:
-    cfg = EvalConfig(out=tmp_path, task="safety", dataset=f"mmsb:{data_path('mmsafetybench')}", tiny=True,
-                     limit=26, layers=[1], alphas=[1.0], train=FAST, max_new_tokens=4, batch_size=13)
+    cfg = EvalConfig(out=tmp_path, task="safety", dataset=f"mmsb:{data_path('mmsafetybench')}",
+                     mmsb=MmsbOptions(tiny=True), limit=26, layers=[1], alphas=[1.0], train=FAST, max_new_tokens=4,
+                     batch_size=13)
     res = run_eval(cfg, handle=tiny_llama, progress=False)
     m = res.by_method()["l2s"].metrics
     assert m["n"] == m["n_decline"] and m["n_other"] == 0  # the first 26 tiny items: scenarios 01 and 02
@@ -100,7 +103,8 @@ def test_selection_chooses_on_training_data_only(tiny_llama, tmp_path) -> None:
 def test_config_errors_are_clear(tmp_path) -> None:
     with pytest.raises(InvalidInputError, match="output folder"):
         run_eval(EvalConfig())
-    with pytest.raises(InvalidInputError, match="chair-gt"):
+    with pytest.raises(InvalidInputError, match="chair-gt"), pytest.MonkeyPatch.context() as mp:
+        mp.delenv("L2S_COCO_GT", raising=False)
         EvalConfig(task="chair")
     with pytest.raises(InvalidInputError, match="listed twice"):
         EvalConfig(methods=["l2s", "l2s"])

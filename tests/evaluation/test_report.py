@@ -3,6 +3,7 @@ plots against alpha, per-category figure, example groups) without an edit of the
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import pytest
@@ -32,7 +33,11 @@ def _register() -> type[Task]:
         """Short answers: the share of one-word answers (per topic too) and the mean length in words."""
 
         default_behaviour = "hallucination"
-        required_options = {"chair_gt": "task brevity needs --chair-gt (a test of required options)"}
+
+        @classmethod
+        def check(cls, options: Any) -> None:
+            if os.environ.get("BREVITY_READY") != "1":
+                raise InvalidInputError("task brevity is not ready (a test of the options check)")
         not_percent = ("mean_words",)
         categories_title = "Per topic"
 
@@ -77,9 +82,11 @@ def test_a_registered_task_is_found_by_name_and_reported(task_registry, tmp_path
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["per_category.png", "short_rate.png"]
     assert "## Per topic" in text and "![per category](plots/per_category.png)" in text
     assert "### topic x: q1" in text and "### topic y: q2" in text and "### topic x: q3" not in text
-    cfg = EvalConfig(task="brevity", chair_gt="gt.json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BREVITY_READY", "1")
+        cfg = EvalConfig(task="brevity")
     assert cfg.task == "brevity", "the pipeline's config knows a registered task"
-    with pytest.raises(InvalidInputError, match="a test of required options"):
+    with pytest.raises(InvalidInputError, match="a test of the options check"):
         EvalConfig(task="brevity")
 
 

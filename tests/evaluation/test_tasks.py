@@ -8,9 +8,10 @@ import pytest
 from conftest import data_path
 
 from learn2steer.behaviours import Example, load_behaviour
-from learn2steer.errors import InvalidInputError
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.judges import Verdict
 from learn2steer.evaluation.tasks import (
+    ChairOptions,
     ChairTask,
     PopeTask,
     SafetyTask,
@@ -225,12 +226,13 @@ def test_tasks_are_registered_by_name_and_say_what_a_run_needs() -> None:
         "safety": ("safety", "safety", True), "pope": ("pope", "hallucination", False),
         "chair": ("chair", "hallucination", False)}, "the pipeline reads the behaviour and the judge off the class"
     assert task_class("pope") is PopeTask and isinstance(make_task("pope"), PopeTask)
-    assert set(ChairTask.required_options) == {"chair_gt"} and not SafetyTask.required_options
+    assert (ChairTask.options, ChairTask.option_group, PopeTask.options) == (ChairOptions, "chair", None)
     with pytest.raises(InvalidInputError, match=r"^unknown task 'pop'; choose one of safety, pope, chair$"):
         make_task("pop")
     with pytest.raises(InvalidInputError, match="behaviour spec"):
         make_task("safety")
-    with pytest.raises(InvalidInputError, match="--chair-gt"):
+    with pytest.raises(MissingFileError, match="--chair-gt"), pytest.MonkeyPatch.context() as mp:
+        mp.delenv("L2S_COCO_GT", raising=False)
         make_task("chair")
     chair = ChairTask(ChairEvaluator(gt={}, objects=set(), inverse={}, double={}))
     assert chair.category_plot([{"chair_s": 0.1}]) is None, "CHAIR has no per-category figure"

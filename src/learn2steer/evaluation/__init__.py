@@ -3,7 +3,8 @@
 ``run_eval`` (``l2s eval``) and ``run_demo`` (``l2s demo``) are the same pipeline with other settings.
 """
 
-from learn2steer.evaluation.datasets import DataOptions, load_dataset, register_dataset
+from learn2steer.evaluation.data import DataOptions
+from learn2steer.evaluation.datasets import load_dataset, register_dataset
 from learn2steer.evaluation.grid import Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import HTTPJudge, KeywordJudge, LlamaGuardJudge, make_judge
 from learn2steer.evaluation.pipeline import EvalConfig, EvalResult, run_eval

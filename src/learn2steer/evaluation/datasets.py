@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
 from learn2steer._io import read_json, read_jsonl
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.extraction import check_unique_ids
+from learn2steer.options import flat_names, group_options
 
 MMSB_SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm",
                   "05-EconomicHarm", "06-Fraud", "07-Sex", "08-Political_Lobbying", "09-Privacy_Violence",
@@ -33,30 +34,6 @@ MMSB_QUESTION_FIELDS = ("Question", "Changed Question", "Rephrased Question", "R
 MMSB_IMAGES = ("none", "typo", "sd", "sd_typo")
 CHAIR_PROMPT = "Describe the image in detail."  # the official descriptive prompt (image_text_dataset.py)
 POPE_LABELS = ("yes", "no")
-
-
-@dataclass
-class DataOptions:
-    """Which examples to load: shared by ``extract``, ``generate`` and ``eval`` (CLI options of the same names)."""
-
-    dataset: str = field(default="demo", metadata={
-        "help": "demo | jsonl:FILE | mmsb:ROOT | pope:FILE | chair:IMAGE_DIR"})
-    image_dir: str | None = field(default=None, metadata={
-        "help": "Image folder (POPE: COCO val2014; JSONL: root of relative image paths; MM-SafetyBench: images root)."})
-    mmsb_images: str = field(default="none", metadata={"help": "MM-SafetyBench images: none, typo, sd or sd_typo."})
-    question_field: str | None = field(default=None, metadata={
-        "help": "MM-SafetyBench question field (default: Question without images, Rephrased Question with)."})
-    tiny: bool = field(default=False, metadata={"help": "MM-SafetyBench: only the official tiny subset (168)."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N examples (N >= 1)."})
-    chair_images: int | None = field(default=None, metadata={
-        "help": "CHAIR: a seeded random selection of N images of the folder (the shipped config: 500)."})
-    chair_seed: int = field(default=0, metadata={"help": "CHAIR: the seed of that selection."})
-
-    def load(self) -> list[Example]:
-        """The examples these options select (validated, never empty)."""
-        return load_dataset(self.dataset, image_dir=self.image_dir, mmsb_images=self.mmsb_images,
-                            question_field=self.question_field, tiny=self.tiny, limit=self.limit,
-                            chair_images=self.chair_images, chair_seed=self.chair_seed)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -216,17 +193,49 @@ def load_chair_images(image_dir: str | Path, *, prompt: str = CHAIR_PROMPT, n: i
     return out
 
 
-_Loader = Callable[[str, DataOptions], list[Example]]  # (ARG of the spec, the run's data options) -> examples
+@dataclass
+class MmsbOptions:
+    """MM-SafetyBench (``mmsb:ROOT``): which images and which question field."""
+
+    aliases: ClassVar[dict[str, str]] = {"tiny": "tiny", "question_field": "question_field"}  # 0.3's flat keys
+    images: str = field(default="none", metadata={"help": "MM-SafetyBench images: none, typo, sd or sd_typo."})
+    question_field: str | None = field(default=None, metadata={
+        "help": "MM-SafetyBench question field (default: Question without images, Rephrased Question with)."})
+    tiny: bool = field(default=False, metadata={"help": "MM-SafetyBench: only the official tiny subset (168)."})
+
+
+@dataclass
+class ChairImageOptions:
+    """CHAIR captioning over a COCO folder (``chair:IMAGE_DIR``): which images."""
+
+    images: int | None = field(default=None, metadata={
+        "help": "CHAIR: a seeded random selection of N images of the folder (the shipped config: 500)."})
+    seed: int = field(default=0, metadata={"help": "CHAIR: the seed of that selection."})
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a loader gets besides its ARG: the run's image folder and its own options (None if it has none)."""
+
+    image_dir: str | None = None
+    options: Any = None
+
+
+_Loader = Callable[[str, LoadContext], list[Example]]  # (ARG of the spec, image folder and own options) -> examples
 
 
 @dataclass(frozen=True)
 class DatasetKind:
     """A registered dataset format: its name (``kind`` of ``kind:ARG``), what ARG is (None: the spec is the bare
-    name) and the function that loads it from ARG and the run's data options."""
+    name), the function that loads it, and its own options (a dataclass; ``group``: the settings field that holds
+    them, ``prefix``: their command-line prefix), shared by kinds that name the same group."""
 
     name: str
     arg: str | None
     load: _Loader
+    options: type | None = None
+    group: str | None = None
+    prefix: str | None = None
 
     @property
     def usage(self) -> str:
@@ -237,39 +246,49 @@ class DatasetKind:
 DATASETS: dict[str, DatasetKind] = {}
 
 
-def register_dataset(name: str, *, arg: str | None = None) -> Callable[[_Loader], _Loader]:
+def register_dataset(name: str, *, arg: str | None = None, options: type | None = None, group: str | None = None,
+                     prefix: str | None = None) -> Callable[[_Loader], _Loader]:
     """Decorator: make the loader reachable as the dataset spec ``name:ARG`` (``name`` alone when ``arg`` is
-    None) from ``--dataset``, ``--train-dataset`` and :func:`load_dataset`."""
+    None) from ``--dataset``, ``--train-dataset`` and :func:`load_dataset`.
+
+    ``options``: the dataclass of the kind's own options; they become ``--<prefix>-<option>`` on every command
+    that loads data, ``<group>:`` in YAML and a field of :class:`DataOptions` (group and prefix default to the
+    kind's name; kinds may share a group). Register before :class:`DataOptions` is built: in this module, in a
+    module it imports, or in a package's ``learn2steer.datasets`` entry point.
+    """
     def register(fn: _Loader) -> _Loader:
-        DATASETS[name] = DatasetKind(name, arg, fn)
+        DATASETS[name] = DatasetKind(name, arg, fn, options, (group or name) if options else None,
+                                     (prefix or group or name) if options else None)
         return fn
     return register
 
 
 @register_dataset("demo")
-def _demo(arg: str, opts: DataOptions) -> list[Example]:
+def _demo(arg: str, ctx: LoadContext) -> list[Example]:
     return demo_requests()
 
 
 @register_dataset("jsonl", arg="FILE")
-def _jsonl(arg: str, opts: DataOptions) -> list[Example]:
-    return load_jsonl(arg, image_root=opts.image_dir)
+def _jsonl(arg: str, ctx: LoadContext) -> list[Example]:
+    return load_jsonl(arg, image_root=ctx.image_dir)
 
 
-@register_dataset("mmsb", arg="ROOT")
-def _mmsb(arg: str, opts: DataOptions) -> list[Example]:
-    return load_mmsafetybench(arg, question_field=opts.question_field, images=opts.mmsb_images,
-                              image_root=opts.image_dir, tiny=opts.tiny)
+@register_dataset("mmsb", arg="ROOT", options=MmsbOptions)
+def _mmsb(arg: str, ctx: LoadContext) -> list[Example]:
+    o: MmsbOptions = ctx.options
+    return load_mmsafetybench(arg, question_field=o.question_field, images=o.images, image_root=ctx.image_dir,
+                              tiny=o.tiny)
 
 
 @register_dataset("pope", arg="FILE")
-def _pope(arg: str, opts: DataOptions) -> list[Example]:
-    return load_pope(arg, image_dir=opts.image_dir)
+def _pope(arg: str, ctx: LoadContext) -> list[Example]:
+    return load_pope(arg, image_dir=ctx.image_dir)
 
 
-@register_dataset("chair", arg="IMAGE_DIR")
-def _chair(arg: str, opts: DataOptions) -> list[Example]:
-    return load_chair_images(arg, n=opts.chair_images, seed=opts.chair_seed)
+@register_dataset("chair", arg="IMAGE_DIR", options=ChairImageOptions, group="chair_data", prefix="chair")
+def _chair(arg: str, ctx: LoadContext) -> list[Example]:
+    o: ChairImageOptions = ctx.options
+    return load_chair_images(arg, n=o.images, seed=o.seed)
 
 
 def dataset_usage() -> str:
@@ -278,20 +297,36 @@ def dataset_usage() -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = "none",
-                 question_field: str | None = None, tiny: bool = False, limit: int | None = None,
-                 chair_images: int | None = None, chair_seed: int = 0) -> list[Example]:
-    """Parse a dataset spec ``kind:ARG`` (``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` |
-    ``chair:IMAGE_DIR``, and any registered with :func:`register_dataset`) and load it."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InvalidInputError(f"--limit must be a whole number >= 1 (or left out for all examples), got {limit!r}")
+def dataset_kind(spec: str) -> tuple[DatasetKind, str]:
+    """The registered kind of ``spec`` (``kind:ARG``) and its ARG; an unknown spec is one sentence."""
     name, _, arg = str(spec).partition(":")
     kind = DATASETS.get(name)
     if kind is None or (kind.arg is None) != (not arg):
         raise InvalidInputError(f"unknown dataset {spec!r}; use {dataset_usage()}")
-    opts = DataOptions(dataset=str(spec), image_dir=image_dir, mmsb_images=mmsb_images,
-                       question_field=question_field, tiny=tiny, chair_images=chair_images, chair_seed=chair_seed)
-    out = kind.load(arg, opts)
+    return kind, arg
+
+
+def load_dataset(spec: str, *, image_dir: str | None = None, limit: int | None = None, options: Any = None,
+                 **flat: Any) -> list[Example]:
+    """Parse a dataset spec ``kind:ARG`` (``demo`` | ``jsonl:FILE`` | ``mmsb:ROOT`` | ``pope:FILE`` |
+    ``chair:IMAGE_DIR`` | ``textpope:FILE`` | ``textchair:N``, and any registered with :func:`register_dataset`)
+    and load it.
+
+    ``options``: the kind's own options (an instance of its options class, or a :class:`DataOptions` / mapping
+    holding its group); ``flat``: the same as keyword arguments in their command-line spelling
+    (``load_dataset("mmsb:ROOT", mmsb_images="typo", tiny=True)``). Keywords no registered kind knows are an error.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(f"--limit must be a whole number >= 1 (or left out for all examples), got {limit!r}")
+    known = flat_names((k.options, str(k.prefix)) for k in DATASETS.values() if k.options)
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise InvalidInputError(f"load_dataset got unknown options {unknown}; dataset options: "
+                                f"{', '.join(sorted(known))}")
+    kind, arg = dataset_kind(spec)
+    own = None if kind.options is None else group_options(kind.options, str(kind.group), str(kind.prefix), options,
+                                                           flat, where=f"dataset {kind.name} options")
+    out = kind.load(arg, LoadContext(image_dir, own))
     out = out[:limit] if limit else out
     if not out:
         raise InvalidInputError(f"dataset {spec!r} has no examples")
@@ -301,8 +336,6 @@ def load_dataset(spec: str, *, image_dir: str | None = None, mmsb_images: str = 
 def namespaced(examples: Sequence[Example], prefix: str) -> list[Example]:
     """The examples with ids ``<prefix>:<id>``: two datasets (e.g. a POPE train and test file, both numbered
     from 1) can then never hand one input's vectors or answers to another."""
-    from dataclasses import replace
-
     return [replace(e, id=f"{prefix}:{e.id}") for e in examples]
 
 
@@ -319,12 +352,12 @@ def image_split(examples: Sequence[Example], *, test_fraction: float = 0.5, seed
                 ) -> tuple[list[str], list[str]]:
     """Seeded split by image: all questions about one image land on the same side (no leakage through
     images; POPE asks 6 questions per image)."""
-    missing = [e.id for e in examples if e.image is None]
+    missing = [e.id for e in examples if e.image is None and e.group is None]
     if missing:
         raise InvalidInputError(f"an image split needs an image for every example; {len(missing)} have none "
                                 f"(e.g. {missing[:3]})")
     return _grouped_split(examples, test_fraction=test_fraction, seed=seed, strata=lambda e: None,
-                          unit=lambda e: Path(str(e.image)).name)
+                          unit=lambda e: e.group or Path(str(e.image)).name)
 
 
 def _grouped_split(examples: Sequence[Example], *, test_fraction: float, seed: int,

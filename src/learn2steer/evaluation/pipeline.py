@@ -21,20 +21,12 @@ from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
 from learn2steer.distributed import Ranks, ranks
 from learn2steer.engines import Engine, EngineName, make_engine
 from learn2steer.errors import InvalidInputError
-from learn2steer.evaluation.datasets import (
-    SPLITTERS,
-    DataOptions,
-    SplitName,
-    by_ids,
-    load_dataset,
-    namespaced,
-    save_split,
-    stratified_split,
-)
+from learn2steer.evaluation.data import DataOptions
+from learn2steer.evaluation.datasets import SPLITTERS, SplitName, by_ids, namespaced, save_split, stratified_split
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
-from learn2steer.evaluation.tasks import SafetyRule, Task, make_task, task_class
+from learn2steer.evaluation.tasks import Task, TaskOptions, make_task, task_class
 from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions
@@ -44,8 +36,9 @@ from learn2steer.training import save_artifacts, target_scales, train_artifacts
 
 
 @dataclass
-class EvalConfig(ModelOptions, DataOptions):
-    """Settings of one evaluation run; the CLI's options are these fields (``--train-*`` for ``train``)."""
+class EvalConfig(ModelOptions, DataOptions, TaskOptions):
+    """Settings of one evaluation run; the CLI's options are these fields (``--train-*`` for ``train``), each
+    dataset kind's and each task's own options included (:class:`DataOptions`, :class:`TaskOptions`)."""
 
     out: Path | None = field(default=None, metadata={"help": "Run folder (resumable): split, extraction, "
                                                               "artifacts, cells, table, plots, report."})
@@ -86,13 +79,9 @@ class EvalConfig(ModelOptions, DataOptions):
     judge: str = field(default="keyword", metadata={
         "help": "keyword | llamaguard:PATH (paper mode) | llamaguard-qa:PATH | http://HOST/v1#MODEL"})
     judge_api_key: str | None = field(default=None, metadata={"help": "API key of an HTTP judge."})
-    safety_rule: SafetyRule = field(default="auto", metadata={
-        "help": "Which responses the safety figures score: auto (paper on MM-SafetyBench's official split, clean on "
-                "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302) | "
-                "clean (scenarios 01-12 / 10-12) | all (every response / the defer groups)."})
-    chair_gt: str | None = field(default=None, metadata={"help": "CHAIR ground truth (json or json.gz)."})
-    chair_synonyms: str | None = field(default=None, metadata={"help": "CHAIR synonyms.txt (when the ground "
-                                                                        "truth has no word tables)."})
+    reuse: Path | None = field(default=None, metadata={
+        "help": "Reuse another run's trained artifacts and chosen (layer, alpha) instead of extracting, choosing and "
+                "training here (e.g. CHAIR with the vectors tuned on POPE, as the paper does)."})
     engine: EngineName = field(default="hf", metadata={"help": "hf | vllm (the serving extra)."})
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per answer (greedy)."})
     batch_size: int = field(default=8, metadata={"help": "Generation and extraction batch size."})
@@ -116,9 +105,7 @@ class EvalConfig(ModelOptions, DataOptions):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
-        for option, why in task_class(self.task).required_options.items():  # an unknown task: a sentence
-            if not getattr(self, option):
-                raise InvalidInputError(why)
+        task_class(self.task).check(self.task_options(self.task))  # an unknown task, or options it cannot run with
 
 
 @dataclass
@@ -156,8 +143,7 @@ def split_data(cfg: EvalConfig, task: Task, out: Path) -> tuple[list[Example], l
     """Train and test examples, saved in ``split.json`` (a changed split of an existing run is an error)."""
     examples = cfg.load()
     if cfg.train_dataset:
-        train = namespaced(load_dataset(cfg.train_dataset, image_dir=cfg.image_dir, mmsb_images=cfg.mmsb_images,
-                                        question_field=cfg.question_field, tiny=cfg.tiny), "train")
+        train = namespaced(cfg.load(cfg.train_dataset, limit=False), "train")
         clash = {e.id for e in train} & {e.id for e in examples}
         if clash:
             raise InvalidInputError(f"train and test ids collide (e.g. {sorted(clash)[:3]}); rename the test ids")
@@ -236,7 +222,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         spec = load_behaviour(cfg.behaviour or kind.default_behaviour)
         judge = make_judge(cfg.judge, api_key=cfg.judge_api_key) if kind.needs_judge else None
         task = make_task(cfg.task, spec=spec, judge=CachedJudge(judge, out / "judge_cache.jsonl") if judge else None,
-                         chair_gt=cfg.chair_gt, chair_synonyms=cfg.chair_synonyms, safety_rule=cfg.safety_rule)
+                         options=cfg)
         skipped = [m for m in cfg.methods if not task.admits(METHODS[m])]
         methods = [m for m in cfg.methods if m not in skipped]
         if job.is_main:
@@ -255,7 +241,8 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         per_input = any(METHODS[m].per_input for m in methods)
         ctx_layers = [cfg.context_layer] if cfg.context_layer is not None else cfg.layers
         ex = None
-        if steering:
+        reused = _reused(cfg, [m for m in steering if METHODS[m].per_input]) if cfg.reuse else None
+        if steering and reused is None:
             t = time.perf_counter()
             to_extract = train + ([e for e in test if e.id not in {x.id for x in train}] if per_input else [])
             ex = extract(handle, spec, to_extract, out / "extraction", steer_layers=cfg.layers,
@@ -264,15 +251,18 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         engine = make_engine(cfg.engine, cfg, handle=handle, lazy=True)  # vLLM: started on first use
         chosen: dict[str, tuple[int, float]] = {}
         selection: list[CellResult] = []
-        if cfg.select and steering:
+        if reused is not None:
+            chosen = reused[1]
+        elif cfg.select and steering:
             assert ex is not None
             t = time.perf_counter()
             chosen, selection = _select(cfg, spec, task, engine, ex, train, steering, out, job, progress)
             timings["select"] = time.perf_counter() - t
         t = time.perf_counter()
         layers = sorted({c[0] for c in chosen.values()}) if chosen else list(cfg.layers)
-        arts = (_train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
-                if steering and ex is not None else {})
+        arts = reused[0] if reused is not None else (
+            _train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
+            if steering and ex is not None else {})
         # P2S uses the targets of the L2S trained here, also when another L2S artifact is evaluated
         scales = {layer: target_scales(at_layer.get("l2s"), layer) for layer, at_layer in arts.items()}
         if official is not None:
@@ -300,6 +290,26 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
                          intro=intro or _intro(cfg, task, train, test, skipped), task=task, results=results,
                          examples=test, sections=extra + (sections(res) if sections else []))
         return res
+
+
+def _reused(cfg: EvalConfig, per_input: list[str]
+            ) -> tuple[dict[int, dict[str, SteeringArtifact]], dict[str, tuple[int, float]]]:
+    """The artifacts (by steering layer) and chosen cells of the run ``cfg.reuse`` (``--reuse``)."""
+    from learn2steer._io import read_json
+
+    src = Path(str(cfg.reuse))
+    if per_input:
+        raise InvalidInputError(f"--reuse takes another run's trained artifacts, but {', '.join(per_input)} need a "
+                                "per-input extraction of this run's data; leave them out of --methods")
+    folders = sorted(p for p in (src / "artifacts").glob("L*") if p.is_dir()) if (src / "artifacts").is_dir() else []
+    if not folders:
+        raise InvalidInputError(f"--reuse {src} holds no trained artifacts (artifacts/L*/); give a finished run folder")
+    arts = {int(d.name[1:]): {p.name: SteeringArtifact.load(p) for p in sorted(d.iterdir())
+                              if (p / "config.json").exists()} for d in folders}
+    chosen_file = src / "selection" / "chosen.json"
+    chosen = ({k: (int(v[0]), float(v[1])) for k, v in read_json(chosen_file).items()}
+              if chosen_file.exists() else {})
+    return arts, chosen
 
 
 def _select(cfg: EvalConfig, spec: BehaviourSpec, task: Task, engine: Engine, ex: Extraction,

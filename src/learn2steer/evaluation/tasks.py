@@ -23,13 +23,15 @@ The functions ``score_*_file`` score answers a user already has, with every mism
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar, get_args
 
 from learn2steer._io import read_jsonl
 from learn2steer.behaviours import BehaviourSpec, Example
-from learn2steer.errors import InvalidInputError
+from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.datasets import MMSB_SCENARIOS, SplitName, load_pope
 from learn2steer.evaluation.judges import Judge, KeywordJudge, is_deferral, is_refusal
 from learn2steer.evaluation.metrics import (
@@ -44,7 +46,9 @@ from learn2steer.evaluation.metrics import (
     rate,
     unsafe_score,
 )
+from learn2steer.evaluation.scenes import COCO_GT_ENV, coco_gt_path
 from learn2steer.methods import Method
+from learn2steer.options import check_choices, flat_names, group_options, with_groups
 
 
 @dataclass
@@ -57,13 +61,12 @@ class Scores:
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """Everything a task may be built from: one signature for every registered task, each taking what it uses."""
+    """Everything a task is built from: one signature for every registered task. ``options``: the task's own
+    options (an instance of its ``options`` class; None for a task without options)."""
 
     spec: BehaviourSpec | None = None
     judge: Judge | None = None
-    chair_gt: str | Path | None = None
-    chair_synonyms: str | Path | None = None
-    safety_rule: str = "auto"
+    options: Any = None
 
 
 # One panel of the per-category figure: its title, and a cell's value at one category (from the cell's metrics).
@@ -86,12 +89,18 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    options: ClassVar[type | None] = None     # the task's own options (a dataclass), set by :func:`register_task`
+    option_group: ClassVar[str | None] = None  # the settings field that holds them (and their CLI / YAML prefix)
     default_behaviour: ClassVar[str] = ""          # the behaviour spec a run steers towards when none is given
     needs_judge: ClassVar[bool] = False           # answers are judged (the pipeline builds --judge only then)
-    required_options: ClassVar[Mapping[str, str]] = {}  # run option -> the sentence shown when it is missing
     default_split: ClassVar[SplitName] = "category"     # how train/test are split when one dataset is given
     not_percent: ClassVar[tuple[str, ...]] = ()  # headline figures shown as numbers, not percentages
     categories_title: ClassVar[str] = "Per category"  # the report's heading above the per-category figure
+
+    @classmethod
+    def check(cls, options: Any) -> None:
+        """Refuse options a run cannot start with (called on the settings, before any model or data is loaded);
+        ``options``: an instance of the task's options class (None for a task without options)."""
 
     @classmethod
     def build(cls, inputs: TaskInputs) -> Task:
@@ -132,10 +141,19 @@ TASKS: dict[str, type[Task]] = {}
 _T = TypeVar("_T", bound=Task)
 
 
-def register_task(name: str) -> Callable[[type[_T]], type[_T]]:
-    """Class decorator: make the task findable by ``name`` (``l2s eval --task name``, :func:`make_task`)."""
+def register_task(name: str, *, options: type | None = None, group: str | None = None
+                  ) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: make the task findable by ``name`` (``l2s eval --task name``, :func:`make_task`).
+
+    ``options``: the dataclass of the task's own options; they become ``--<group>-<option>`` of ``l2s eval``,
+    ``<group>:`` in YAML (or the flat ``<group>_<option>``) and a field of :class:`TaskOptions` (``group``
+    defaults to the task's name), and :meth:`Task.build` receives them whole in ``TaskInputs.options``.
+    Register before :class:`TaskOptions` is built: in this module or in a ``learn2steer.tasks`` entry point.
+    """
     def register(cls: type[_T]) -> type[_T]:
         cls.name = name
+        cls.options = options
+        cls.option_group = (group or name) if options else None
         TASKS[name] = cls
         return cls
     return register
@@ -227,7 +245,20 @@ def safety_rows(categories: Sequence[str | None], rule: str = "auto",
                       "E[Unsafe] over every response, ED-score over the consultation (defer) inputs")
 
 
-@register_task("safety")
+@dataclass
+class SafetyOptions:
+    """Options of the safety task."""
+
+    rule: SafetyRule = field(default="auto", metadata={
+        "help": "Which responses the safety figures score: auto (paper on MM-SafetyBench's official split, clean on "
+                "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302) | "
+                "clean (scenarios 01-12 / 10-12) | all (every response / the defer groups)."})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@register_task("safety", options=SafetyOptions)
 class SafetyTask(Task):
     """Decline harmful requests, defer consultations to an expert, leave the rest alone."""
 
@@ -250,7 +281,7 @@ class SafetyTask(Task):
         """The safety task of the behaviour spec, judge and scoring rule in ``inputs``."""
         if inputs.spec is None:
             raise InvalidInputError("the safety task needs a behaviour spec")
-        return cls(inputs.spec, inputs.judge, inputs.safety_rule)
+        return cls(inputs.spec, inputs.judge, (inputs.options or SafetyOptions()).rule)
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
@@ -389,23 +420,46 @@ class PopeTask(Task):
         return CategoryPlot(splits, [(k, split_metric(k)) for k in ("accuracy", "f1")])
 
 
-@register_task("chair")
+@dataclass
+class ChairOptions:
+    """Options of the CHAIR task: the ground truth captions (or descriptions of text scenes) are scored against."""
+
+    gt: str | None = field(default=None, metadata={
+        "help": "CHAIR ground truth (json or json.gz; default: $L2S_COCO_GT)."})
+    synonyms: str | None = field(default=None, metadata={
+        "help": "CHAIR synonyms.txt (when the ground truth has no word tables)."})
+
+
+@register_task("chair", options=ChairOptions)
 class ChairTask(Task):
-    """CHAIR: object hallucination in image captions."""
+    """CHAIR: object hallucination in image captions (or in descriptions of text scenes: ``textchair:N``, whose
+    scenes name exactly the image's ground-truth objects)."""
 
     default_behaviour = "hallucination"
-    required_options = {"chair_gt": "task chair needs --chair-gt (e.g. ../shared/data/chair/coco2014_chair_gt_"
-                                    "objects.json.gz)"}
+    not_percent = ("mean_words",)
 
     def __init__(self, evaluator: ChairEvaluator) -> None:
         self.evaluator = evaluator
 
     @classmethod
+    def check(cls, options: Any) -> None:
+        """The ground truth must be named: ``--chair-gt`` or ``$L2S_COCO_GT``."""
+        if not (options and options.gt) and not os.environ.get(COCO_GT_ENV):
+            raise InvalidInputError("task chair needs the ground-truth objects: --chair-gt (e.g. ../shared/data/chair/"
+                                    "coco2014_chair_gt_objects.json.gz) or L2S_COCO_GT")
+
+    @classmethod
     def build(cls, inputs: TaskInputs) -> Task:
-        """The CHAIR task scored against the ground-truth objects (and synonyms) in ``inputs``."""
-        if inputs.chair_gt is None:
-            raise InvalidInputError("task chair needs the ground-truth objects file (--chair-gt)")
-        return cls(ChairEvaluator.from_files(inputs.chair_gt, inputs.chair_synonyms))
+        """The CHAIR task scored against the ground-truth objects (and synonyms) of its options."""
+        o = inputs.options or ChairOptions()
+        try:
+            gt = coco_gt_path(o.gt)
+        except MissingFileError:
+            if o.gt:
+                raise
+            raise MissingFileError("task chair needs the ground-truth objects: --chair-gt (e.g. ../shared/data/chair/"
+                                   "coco2014_chair_gt_objects.json.gz) or L2S_COCO_GT") from None
+        return cls(ChairEvaluator.from_files(gt, o.synonyms))
 
     def admits(self, m: Method) -> bool:
         """Every method but the per-input ones (P2S and Norm-Rnd need a per-image contrast)."""
@@ -413,27 +467,62 @@ class ChairTask(Task):
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
-        """CHAIR_s, CHAIR_i and recall, and the objects found in each caption."""
-        metrics = dict(self.evaluator.evaluate({e.id: r for e, r in zip(examples, responses)}))
+        """CHAIR_s, CHAIR_i and recall, the answers' mean length in words, and the objects found in each caption."""
+        metrics: dict[str, Any] = dict(self.evaluator.evaluate({e.id: r for e, r in zip(examples, responses)}))
+        metrics["mean_words"] = _mean([len((r or "").split()) for r in responses])
         per_example = [{"id": e.id, "objects": self.evaluator.caption_objects(r or "")}
                        for e, r in zip(examples, responses)]
         return Scores(metrics, per_example)
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """CHAIR_s, CHAIR_i and recall."""
-        return {k: float(metrics[k]) for k in ("chair_s", "chair_i", "recall")}
+        """CHAIR_s, CHAIR_i, recall and the mean answer length (words; a short answer can hallucinate less)."""
+        return {k: float(metrics[k]) for k in ("chair_s", "chair_i", "recall", "mean_words") if k in metrics}
 
     def objective(self, metrics: Mapping[str, Any], base: Mapping[str, Any]) -> float:
         """Fewer captions with a hallucinated object."""
         return -float(metrics["chair_s"])
 
 
-def make_task(name: str, *, spec: BehaviourSpec | None = None, judge: Judge | None = None,
-              chair_gt: str | Path | None = None, chair_synonyms: str | Path | None = None,
-              safety_rule: str = "auto") -> Task:
-    """Build the registered task ``name`` with what it needs (a behaviour spec, judge and scoring rule; CHAIR
-    ground truth)."""
-    return task_class(name).build(TaskInputs(spec, judge, chair_gt, chair_synonyms, safety_rule))
+def task_options(name: str, source: Any = None, **flat: Any) -> Any:
+    """The options of task ``name``: from ``source`` (an instance of its options class, a mapping of its fields, or
+    settings holding its group, e.g. an ``EvalConfig``), with keyword spellings on top (``chair_gt=...``)."""
+    cls = task_class(name)
+    known = flat_names((t.options, str(t.option_group)) for t in TASKS.values() if t.options)
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown task options {unknown}; task options: {', '.join(sorted(known))}")
+    if cls.options is None:
+        return None
+    return group_options(cls.options, str(cls.option_group), str(cls.option_group), source, flat,
+                         where=f"task {name} options")
+
+
+def make_task(name: str, *, spec: BehaviourSpec | None = None, judge: Judge | None = None, options: Any = None,
+              **flat: Any) -> Task:
+    """Build the registered task ``name`` with what it needs: a behaviour spec, a judge and its own options
+    (see :func:`task_options`; ``make_task("chair", chair_gt=PATH)`` spells them as the command line does)."""
+    return task_class(name).build(TaskInputs(spec, judge, task_options(name, options, **flat)))
+
+
+for _ep in importlib.metadata.entry_points(group="learn2steer.tasks"):
+    _ep.load()  # packages that register tasks of their own (before TaskOptions is built)
+
+
+@dataclass
+class TaskOptionsBase:
+    """The options of every registered task, one group each (``--safety-rule``, ``--chair-gt``, ...)."""
+
+    def task_options(self, name: str) -> Any:
+        """The options group of task ``name`` (None for a task without options)."""
+        return task_options(name, self)
+
+
+if TYPE_CHECKING:
+    TaskOptions = TaskOptionsBase
+else:
+    TaskOptions = with_groups(TaskOptionsBase, {
+        str(t.option_group): (t.options, str(t.option_group), f"Options of task {t.name}.")
+        for t in TASKS.values() if t.options is not None}, "TaskOptions")
 
 
 # ---- scoring answers users already have ------------------------------------------------------------------
