@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Input-dependent activation steering (Learn-to-Steer) for Hugging Face LLMs and VLMs.")
 score_app = typer.Typer(no_args_is_help=True, help="Score answers you already have (MM-SafetyBench, POPE, CHAIR).")
 app.add_typer(score_app, name="score")
+data_app = typer.Typer(no_args_is_help=True, help="Build datasets (text-form POPE training questions).")
+app.add_typer(data_app, name="data")
 _state = {"debug": False}
 
 
@@ -153,7 +155,7 @@ def _demo(cfg: Any) -> None:
     from learn2steer.evaluation.demo import run_demo
 
     summary = run_demo(cfg)
-    typer.echo((Path(cfg.out) / "report.md").read_text())
+    typer.echo((Path(cfg.out) / ("table.md" if cfg.task == "hallucination" else "report.md")).read_text())
     typer.echo(json.dumps({"checks": summary["checks"], "timings_s": summary["timings_s"]}, indent=1))
 
 
@@ -255,6 +257,29 @@ def score_chair(captions: Path = typer.Option(..., help="JSON lines with image_i
     from learn2steer.evaluation.tasks import score_chair_file
 
     _guard(lambda: _write(out, score_chair_file(captions, gt, synonyms)))
+
+
+@data_app.command("textpope")
+def data_textpope(out: Path = typer.Option(..., help="Folder for textpope_{random,popular,adversarial}.json."),
+                  images: int = typer.Option(..., help="Number of COCO images (6 questions each, per split)."),
+                  seed: int = typer.Option(0, help="Seed of the images and of the sampling."),
+                  gt: Optional[str] = typer.Option(None, help="COCO ground-truth objects (default: $L2S_COCO_GT)."),
+                  ) -> None:
+    """POPE-format training questions with POPE's three negative-sampling rules (random, popular, adversarial),
+    over seeded COCO 2014 images that are never POPE's 500 test images nor an id ending in 7 (reserved).
+
+    Example: `l2s data textpope --out runs/textpope-train --images 200 --gt
+    ../shared/data/chair/coco2014_chair_gt_objects.json.gz`, then `l2s eval --task pope --train-dataset
+    textpope:runs/textpope-train --dataset textpope:../shared/data/pope --scene-gt ...`
+    """
+    def body() -> None:
+        from learn2steer.evaluation.scenes import load_coco_objects, sample_pope, write_pope_files
+
+        paths = write_pope_files(out, sample_pope(load_coco_objects(gt), images=images, seed=seed))
+        for p in paths:
+            typer.echo(f"wrote {p} ({sum(1 for _ in p.open())} questions)")
+
+    _guard(body)
 
 
 @app.command("export")

@@ -236,6 +236,7 @@ class DatasetKind:
     options: type | None = None
     group: str | None = None
     prefix: str | None = None
+    behaviour: str | None = None  # the behaviour a run on this data steers towards unless one is named
 
     @property
     def usage(self) -> str:
@@ -247,18 +248,19 @@ DATASETS: dict[str, DatasetKind] = {}
 
 
 def register_dataset(name: str, *, arg: str | None = None, options: type | None = None, group: str | None = None,
-                     prefix: str | None = None) -> Callable[[_Loader], _Loader]:
+                     prefix: str | None = None, behaviour: str | None = None) -> Callable[[_Loader], _Loader]:
     """Decorator: make the loader reachable as the dataset spec ``name:ARG`` (``name`` alone when ``arg`` is
     None) from ``--dataset``, ``--train-dataset`` and :func:`load_dataset`.
 
     ``options``: the dataclass of the kind's own options; they become ``--<prefix>-<option>`` on every command
     that loads data, ``<group>:`` in YAML and a field of :class:`DataOptions` (group and prefix default to the
     kind's name; kinds may share a group). Register before :class:`DataOptions` is built: in this module, in a
-    module it imports, or in a package's ``learn2steer.datasets`` entry point.
+    module it imports, or in a package's ``learn2steer.datasets`` entry point. ``behaviour``: the behaviour spec a
+    run on this data steers towards when none is named (before the task's default).
     """
     def register(fn: _Loader) -> _Loader:
         DATASETS[name] = DatasetKind(name, arg, fn, options, (group or name) if options else None,
-                                     (prefix or group or name) if options else None)
+                                     (prefix or group or name) if options else None, behaviour)
         return fn
     return register
 

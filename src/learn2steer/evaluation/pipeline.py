@@ -22,7 +22,15 @@ from learn2steer.distributed import Ranks, ranks
 from learn2steer.engines import Engine, EngineName, make_engine
 from learn2steer.errors import InvalidInputError
 from learn2steer.evaluation.data import DataOptions
-from learn2steer.evaluation.datasets import SPLITTERS, SplitName, by_ids, namespaced, save_split, stratified_split
+from learn2steer.evaluation.datasets import (
+    SPLITTERS,
+    SplitName,
+    by_ids,
+    dataset_kind,
+    namespaced,
+    save_split,
+    stratified_split,
+)
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
@@ -46,7 +54,8 @@ class EvalConfig(ModelOptions, DataOptions, TaskOptions):
     train_dataset: str | None = field(default=None, metadata={
         "help": "Train on this dataset and test on all of --dataset (ids are namespaced 'train:')."})
     behaviour: str | None = field(default=None, metadata={
-        "help": "Behaviour spec (default: the task's: safety or hallucination)."})
+        "help": "Behaviour spec (default: the dataset's, e.g. hallucination_text for textpope, else the task's: "
+                "safety or hallucination)."})
     methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS), metadata={
         "help": "Methods to run: " + ", ".join(METHODS) + "."})
     layers: list[int] = field(default_factory=lambda: [10], metadata={"help": "Steering layers L* to sweep."})
@@ -219,7 +228,8 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
     t0 = time.perf_counter()
     with FolderLock(out, "evaluation", name=f".lock-rank{job.rank}"):
         kind = task_class(cfg.task)
-        spec = load_behaviour(cfg.behaviour or kind.default_behaviour)
+        spec = load_behaviour(cfg.behaviour or dataset_kind(cfg.train_dataset or cfg.dataset)[0].behaviour
+                              or kind.default_behaviour)
         judge = make_judge(cfg.judge, api_key=cfg.judge_api_key) if kind.needs_judge else None
         task = make_task(cfg.task, spec=spec, judge=CachedJudge(judge, out / "judge_cache.jsonl") if judge else None,
                          options=cfg)

@@ -65,7 +65,7 @@ def coco_gt_path(path: str | Path | None = None) -> Path:
     """The ground-truth file: ``path``, else ``$L2S_COCO_GT``; a missing one is a sentence naming both."""
     given = path or os.environ.get(COCO_GT_ENV)
     if not given:
-        raise MissingFileError("the text-form POPE / CHAIR scenes need COCO's ground-truth objects: pass --scene-gt "
+        raise MissingFileError("the text-form POPE / CHAIR scenes need COCO's ground-truth objects: pass --scene-gt (l2s data textpope: --gt) "
                                "(e.g. ../shared/data/chair/coco2014_chair_gt_objects.json.gz) or set L2S_COCO_GT")
     p = Path(given)
     if not p.exists():
@@ -327,12 +327,12 @@ def load_textchair(n: int, options: SceneOptions | None = None) -> list[Example]
             for i in ids]
 
 
-@register_dataset("textpope", arg="FILE", options=SceneOptions, group="scene")
+@register_dataset("textpope", arg="FILE", options=SceneOptions, group="scene", behaviour="hallucination_text")
 def _textpope(arg: str, ctx: LoadContext) -> list[Example]:
     return load_textpope(arg, ctx.options)
 
 
-@register_dataset("textchair", arg="N", options=SceneOptions, group="scene")
+@register_dataset("textchair", arg="N", options=SceneOptions, group="scene", behaviour="hallucination_text")
 def _textchair(arg: str, ctx: LoadContext) -> list[Example]:
     if not arg.strip().isdigit():
         raise InvalidInputError(f"textchair:N takes a number of scenes, got {arg!r}")

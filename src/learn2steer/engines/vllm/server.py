@@ -19,7 +19,7 @@ from learn2steer.engines.requests import DEFAULT_MAX_ALPHA, Registry, check_max_
 from learn2steer.engines.vllm.offline import engine_env
 from learn2steer.engines.vllm.protocol import ENV_MAX_ALPHA, EngineLimits, check_plugin_installed, check_request
 from learn2steer.errors import InvalidInputError
-from learn2steer.models.loading import DEFAULT_MODEL_NAME, Dtype, model_shape, resolve_model_path
+from learn2steer.models.loading import Dtype, display_name, model_shape, resolve_model_path
 from learn2steer.options import check_choices
 
 
@@ -28,7 +28,7 @@ class ServeJob:
     """Settings of ``l2s serve``."""
 
     model: str = field(default="default", metadata={
-        "help": "Local model folder, or 'default' for the embedded SmolLM2-135M-Instruct."})
+        "help": "Local model folder, or an embedded model: 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m'."})
     artifact: list[str] = field(default_factory=list, metadata={
         "help": "NAME=DIR: an artifact requests can select as vllm_xargs {\"steer\": NAME}.", "repeat": True})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
@@ -105,6 +105,6 @@ class ServeJob:
             raise InvalidInputError("`l2s serve` needs the serving environment: bash scripts/setup.sh --serve, then "
                                     ".venv-serve/bin/l2s serve ...") from None
         argv, env = self.command()
-        print(f"serving {self.served_model_name or (DEFAULT_MODEL_NAME if self.model == 'default' else self.model)} "
+        print(f"serving {self.served_model_name or display_name(self.model)} "
               f"on http://{self.host}:{self.port}/v1 with artifacts {sorted(self.artifacts())}", flush=True)
         os.execvpe(argv[0], argv, env)
