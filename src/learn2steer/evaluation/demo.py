@@ -132,7 +132,7 @@ def run_demo(cfg: DemoConfig, handle: ModelHandle | None = None, *, progress: bo
 
 #: the methods of the hallucination demo: the paper's table (no steering, Prompt, Mean-S, Mean-S(BA), Norm-Rnd,
 #: L2S, the P2S oracle) and CAST
-HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_rnd", "l2s", "p2s", "cast"]
+HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s", "cast"]
 
 
 def _hallucination_data(cfg: DemoConfig) -> tuple[Path, str]:
@@ -175,7 +175,7 @@ def hallucination_configs(cfg: DemoConfig) -> tuple[EvalConfig, EvalConfig]:
         train_limit=900)
     chair_cfg: dict[str, Any] = dict(
         common, out=out / "chair", task="chair", dataset="textchair:200", chair=ChairOptions(gt=gt),
-        methods=[m for m in HALLUCINATION_METHODS if m not in ("p2s", "norm_rnd")], layers=layers, alphas=[1.0],
+        methods=[m for m in HALLUCINATION_METHODS if m not in ("p2s", "norm_random")], layers=layers, alphas=[1.0],
         reuse=out / "pope", max_new_tokens=64)
     if cfg.quick:
         pope_cfg.update(layers=[layers[1]], alphas=[1.0, 2.0], train_limit=240, test_limit=150)

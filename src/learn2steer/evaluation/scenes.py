@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
 from learn2steer.evaluation.datasets import LoadContext, load_pope, register_dataset
+from learn2steer.evaluation.metrics import ChairEvaluator
 from learn2steer.extraction import check_unique_ids
 
 #: where the ground-truth file is looked up when no path is given
@@ -51,6 +52,16 @@ class CocoObjects:
     objects: dict[str, list[str]]        # image id -> sorted canonical class names
     synonyms: dict[str, list[str]]       # canonical class -> words that name it (canonical name excluded)
     source: str
+    reader: ChairEvaluator | None = field(default=None, repr=False, compare=False)
+
+    def scene(self, image_id: int | str, *, seed: int = 0, canonical: bool = False) -> str:
+        """The scene of ``image_id`` (:func:`scene_text`), checked by reading it back with CHAIR's word matching:
+        where a combination of names reads otherwise (CHAIR drops "seat" next to "toilet"), the canonical names."""
+        objs = self.of(image_id)
+        text = scene_text(objs, image_id=image_id, seed=seed, canonical=canonical, synonyms=self.synonyms)
+        if not canonical and self.reader is not None and sorted(self.reader.caption_objects(text)) != objs:
+            text = scene_text(objs, image_id=image_id, seed=seed, canonical=True)
+        return text
 
     def of(self, image_id: str | int) -> list[str]:
         """The objects of ``image_id``; an id without ground truth is an error."""
@@ -65,8 +76,9 @@ def coco_gt_path(path: str | Path | None = None) -> Path:
     """The ground-truth file: ``path``, else ``$L2S_COCO_GT``; a missing one is a sentence naming both."""
     given = path or os.environ.get(COCO_GT_ENV)
     if not given:
-        raise MissingFileError("the text-form POPE / CHAIR scenes need COCO's ground-truth objects: pass --scene-gt (l2s data textpope: --gt) "
-                               "(e.g. ../shared/data/chair/coco2014_chair_gt_objects.json.gz) or set L2S_COCO_GT")
+        raise MissingFileError("the text-form POPE / CHAIR scenes need COCO's ground-truth objects: pass --scene-gt "
+                               "(l2s data textpope: --gt; e.g. ../shared/data/chair/coco2014_chair_gt_objects.json.gz) "
+                               "or set L2S_COCO_GT")
     p = Path(given)
     if not p.exists():
         raise MissingFileError(f"COCO ground-truth objects file {str(p)!r} not found")
@@ -85,12 +97,15 @@ def _load(path: str) -> CocoObjects:
         raise InvalidInputError(f"{path} is not CHAIR's ground-truth file (it needs imid_to_objects and "
                                 "inverse_synonym_dict)")
     objects = {str(k): sorted(set(v)) for k, v in data["imid_to_objects"].items()}
+    # a synonym is used only if CHAIR's own word matching reads it back as its class and nothing else ("a stove top
+    # oven" reads as oven twice, "an iPhone" as nothing: both left out), so a scene names exactly its objects
+    reader = ChairEvaluator.from_files(path)
     syn: dict[str, set[str]] = {}
     for word, cls in data["inverse_synonym_dict"].items():
         word = word.strip()
-        if word and cls and word != cls:
+        if word and cls and word != cls and reader.caption_objects(f"there is {_article(word)}.") == [cls]:
             syn.setdefault(cls, set()).add(word)
-    return CocoObjects(objects, {k: sorted(v) for k, v in syn.items()}, path)
+    return CocoObjects(objects, {k: sorted(v) for k, v in syn.items()}, path, reader)
 
 
 def load_coco_objects(path: str | Path | None = None) -> CocoObjects:
@@ -270,8 +285,7 @@ class SceneOptions:
 
 
 def _scene(coco: CocoObjects, image_id: int, o: SceneOptions) -> str:
-    return scene_text(coco.of(image_id), image_id=image_id, seed=o.seed, canonical=o.canonical,
-                      synonyms=coco.synonyms)
+    return coco.scene(image_id, seed=o.seed, canonical=o.canonical)
 
 
 def few_shot_block(coco: CocoObjects, o: SceneOptions) -> str:
