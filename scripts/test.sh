@@ -10,13 +10,13 @@ if [ "${1:-}" = "--latest" ]; then
   shift
   exec bash scripts/canary.sh "$@"
 fi
-bash scripts/setup.sh
+bash scripts/setup.sh --gemma
 PY=.venv/bin/python
 "$PY" -m ruff check src tests benchmarks
 "$PY" -m mypy
 "$PY" -m pytest -m "not slow and not serve" -q "$@"
 "$PY" -m benchmarks --smoke > /dev/null
 if [ "${L2S_SKIP_SERVE:-0}" != "1" ]; then
-  bash scripts/setup.sh --serve
+  bash scripts/setup.sh --serve --gemma
   .venv-serve/bin/python -m pytest -m "serve and not slow" -q "$@"
 fi
