@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import data_path
 from typer.testing import CliRunner
 
 from learn2steer.cli import app
@@ -152,3 +153,19 @@ def test_fixed_choices_are_the_options_choices(option, values) -> None:
     r = runner.invoke(app, ["eval", "--out", "o", option, "bogus"])
     assert r.exit_code == 2 and "bogus" in r.output
     assert all(v in r.output for v in values), r.output
+
+
+def test_dataset_and_task_options_are_their_own_groups_on_the_command_line(tmp_path) -> None:
+    """Each dataset kind's and each task's options appear as --<group>-<option>; the builder refuses nothing
+    silently and writes POPE-format files."""
+    text = runner.invoke(app, ["eval", "--help"], terminal_width=200).output
+    for flag in ("--mmsb-images", "--mmsb-tiny", "--chair-images", "--chair-seed", "--scene-gt", "--scene-few-shot",
+                 "--scene-canonical", "--safety-rule", "--chair-gt", "--reuse"):
+        assert flag in text.split(), flag
+    gt = data_path("chair", "coco2014_chair_gt_objects.json.gz")
+    r = runner.invoke(app, ["data", "textpope", "--out", str(tmp_path), "--images", "3", "--gt", str(gt)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "textpope_adversarial.json").read_text().splitlines()]
+    assert len(rows) == 18 and {"question_id", "image", "text", "label"} <= set(rows[0])
+    r = runner.invoke(app, ["data", "textpope", "--out", str(tmp_path), "--images", "0", "--gt", str(gt)])
+    assert r.exit_code == 2 and "--images must be a whole number >= 1" in r.output

@@ -142,3 +142,39 @@ def test_a_given_l2s_artifact_is_evaluated_and_p2s_keeps_the_trained_targets(tin
     with pytest.raises(InvalidInputError, match="give an L2S one"):
         run_eval(EvalConfig(out=tmp_path / "y", l2s_artifact=str(tmp_path / "trained" / "artifacts" / "L1" / "mean"),
                             **base), handle=tiny_llama, progress=False)
+
+
+def test_text_pope_then_chair_with_pope_s_vectors_and_choices(tiny_llama, tmp_path) -> None:
+    """The hallucination demo's shape on a tiny model: text-form POPE trained on `l2s data textpope` questions,
+    chosen on training scenes, tested on official questions; CHAIR on scene descriptions reuses its artifacts."""
+    from learn2steer.evaluation.scenes import SceneOptions, load_coco_objects, sample_pope, write_pope_files
+
+    gt = str(data_path("chair", "coco2014_chair_gt_objects.json.gz"))
+    write_pope_files(tmp_path / "data", sample_pope(load_coco_objects(gt), images=8, seed=0))
+    scene = SceneOptions(gt=gt)
+    pope = EvalConfig(out=tmp_path / "pope", task="pope", dataset=f"textpope:{data_path('pope')}",
+                      train_dataset=f"textpope:{tmp_path / 'data'}", scene=scene, test_limit=12, layers=[1, 2],
+                      alphas=[1.0, 2.0], select=True, train=FAST, methods=["no_steering", "mean", "l2s", "p2s"],
+                      max_new_tokens=3, batch_size=16)
+    res = run_eval(pope, handle=tiny_llama, progress=False)
+    assert json.loads((tmp_path / "pope" / "settings.json").read_text())["behaviour"] is None
+    assert "hallucination_text" in (tmp_path / "pope" / "extraction" / "index.json").read_text(), "the data's spec"
+    assert set(res.by_method()["l2s"].metrics["per_split"]) == {"random", "popular", "adversarial"}
+    assert set(res.chosen) == {"mean", "l2s"}
+    chair = EvalConfig(out=tmp_path / "chair", task="chair", dataset="textchair:5", scene=scene,
+                       chair=ChairOptions(gt=gt), train_dataset=f"textpope:{tmp_path / 'data'}",
+                       reuse=tmp_path / "pope", layers=[1, 2], methods=["no_steering", "mean", "l2s", "p2s"],
+                       max_new_tokens=4, batch_size=8)
+    got = run_eval(chair, handle=tiny_llama, progress=False)
+    assert not (tmp_path / "chair" / "extraction").exists(), "reused: nothing extracted or trained"
+    by = got.by_method()
+    assert (by["l2s"].cell.layer, by["l2s"].cell.alpha) == res.chosen["l2s"] and "p2s" not in by
+    assert {"chair_s", "chair_i", "recall", "mean_words"} <= set(by["mean"].metrics)
+    with pytest.raises(InvalidInputError, match="per-input extraction"):
+        run_eval(EvalConfig(out=tmp_path / "x", task="pope", dataset=f"textpope:{tmp_path / 'data'}", scene=scene,
+                            reuse=tmp_path / "pope", layers=[1], methods=["no_steering", "p2s"]), handle=tiny_llama,
+                 progress=False)
+    with pytest.raises(InvalidInputError, match="holds no trained artifacts"):
+        run_eval(EvalConfig(out=tmp_path / "y", task="pope", dataset=f"textpope:{tmp_path / 'data'}", scene=scene,
+                            reuse=tmp_path / "chair", layers=[1], methods=["mean"]), handle=tiny_llama,
+                 progress=False)

@@ -80,7 +80,7 @@ def test_sampling_follows_pope_and_never_uses_reserved_images(gt, tmp_path) -> N
     qs = sample_pope(coco, images=40, seed=0)
     assert sample_pope(coco, images=40, seed=0) == qs, "seeded"
     freq = Counter(o for v in coco.objects.values() for o in v)
-    for split, rows in qs.items():
+    for rows in qs.values():
         assert len(rows) == 240 and Counter(r["label"] for r in rows) == {"yes": 120, "no": 120}
         for r in rows:
             image, obj = image_id_of(r["image"]), r["text"].split(" a ", 1)[-1].split(" an ", 1)[-1]

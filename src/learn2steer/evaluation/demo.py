@@ -131,8 +131,9 @@ def run_demo(cfg: DemoConfig, handle: ModelHandle | None = None, *, progress: bo
 # ---- the hallucination half: text-form POPE and CHAIR --------------------------------------------------------
 
 #: the methods of the hallucination demo: the paper's table (no steering, Prompt, Mean-S, Mean-S(BA), Norm-Rnd,
-#: L2S, the P2S oracle) and CAST
-HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s", "cast"]
+#: L2S, the P2S oracle). Not CAST: its condition separates inputs to steer from inputs to leave alone, and every
+#: POPE question has a contrast (T+ is the true answer, whichever it is), so it trains nothing here
+HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s"]
 
 
 def _hallucination_data(cfg: DemoConfig) -> tuple[Path, str]:
