@@ -1,3 +1,3 @@
 """The package version, in its own module so that any module can import it without importing the package face."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
