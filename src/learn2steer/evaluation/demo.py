@@ -245,9 +245,12 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     axes[0].axhline(50, color="grey", lw=0.8, ls="--")
     axes[0].legend()
     chair = [m for m in methods if summary[m]["chair"] is not None]
-    axes[1].bar(chair, [100 * summary[m]["chair"]["chair_s"] for m in chair], label="CHAIR_s")
-    axes[1].set_ylabel("text-form CHAIR_s (%)")
-    axes[1].tick_params(axis="x", rotation=30)
+    for k, (key, label) in enumerate((("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"))):
+        axes[1].bar([i + k * 0.27 for i in range(len(chair))], [100 * summary[m]["chair"][key] for m in chair], 0.27,
+                    label=label)
+    axes[1].set_xticks([i + 0.27 for i in range(len(chair))], chair, rotation=30)
+    axes[1].set_ylabel("text-form CHAIR (%)")
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
