@@ -156,4 +156,5 @@ def test_the_plain_template_of_base_models(tiny_llama) -> None:
     user = [{"role": "user", "content": "Is the sky green?"}]
     assert render(user, True) == "<s>Is the sky green?\nAnswer:"
     assert render(user + [{"role": "assistant", "content": "No"}], False) == "<s>Is the sky green?\nAnswer: No\n"
-    assert render([{"role": "system", "content": "Be brief."}] + user, True) == "<s>Be brief.\n\nIs the sky green?\nAnswer:"
+    system = [{"role": "system", "content": "Be brief."}]
+    assert render(system + user, True) == "<s>Be brief.\n\nIs the sky green?\nAnswer:"
