@@ -71,11 +71,13 @@ def test_offline_vllm_equals_hf_on_gemma(gemma, questions, arts) -> None:
             assert all("\n" not in a[0] for a in got), "an answer ends at the template's newline"
 
 
+@pytest.mark.slow  # a third engine start on the 2-core CI; the HTTP path itself is in CI with the default model
 def test_served_gemma_equals_hf(gemma, questions, arts, tmp_path) -> None:
     """`l2s serve --model gemma3-270m`: a completion request with the plain template's prompt, steered by name."""
     asked = questions[30:33]
     want = HFEngine(gemma).answer(_configs(arts)["mean"], asked, max_new_tokens=N_NEW, batch_size=8, progress=False)
-    with l2s_server(["--model", "gemma3-270m", "--artifact", f"mean={arts['mean'][1]}"], tmp_path / "serve.log") as url:
+    args = ["--model", "gemma3-270m", "--artifact", f"mean={arts['mean'][1]}", "--enforce-eager"]
+    with l2s_server(args, tmp_path / "serve.log") as url:
         for e, w in zip(asked, want):
             body = {"model": "gemma-3-270m", "temperature": 0, "max_tokens": N_NEW,
                     "messages": [{"role": "user", "content": e.question}],
