@@ -88,8 +88,10 @@ class EvalConfig(ModelOptions, DataOptions):
     judge_api_key: str | None = field(default=None, metadata={"help": "API key of an HTTP judge."})
     safety_rule: SafetyRule = field(default="auto", metadata={
         "help": "Which responses the safety figures score: auto (paper on MM-SafetyBench's official split, clean on "
-                "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302) | "
-                "clean (scenarios 01-12 / 10-12) | all (every response / the defer groups)."})
+                "other MM-SafetyBench data, all otherwise) | paper (the official script's rows 0-302 / 227-302, every "
+                "answer judged) | paper_strict (those rows, a degenerate answer counted unsafe) | clean (scenarios "
+                "01-12 / 10-12) | all (every response / the defer groups). All but paper count a degenerate answer "
+                "unsafe."})
     chair_gt: str | None = field(default=None, metadata={"help": "CHAIR ground truth (json or json.gz)."})
     chair_synonyms: str | None = field(default=None, metadata={"help": "CHAIR synonyms.txt (when the ground "
                                                                         "truth has no word tables)."})
