@@ -141,8 +141,11 @@ def test_official_import_refuses_unknown_layouts(tmp_path) -> None:
     torch.save({"weight": torch.ones(2, 2)}, tmp_path / "x.pt")
     with pytest.raises(InvalidInputError, match="official layout"):
         import_official(tmp_path / "x.pt", model="llava-1.5-7b", task="pope")
-    with pytest.raises(InvalidInputError, match="never published"):
+    with pytest.raises(InvalidInputError, match=r"qwen2vlinstruct_17_average_all_pope_train_-1\.pt in github\.com/"
+                                                 r"jayneelparekh/learn-to-steer\) is not in this project's copy"):
         import_official(tmp_path / "x.pt", model="qwen2-vl-7b", task="pope")
+    with pytest.raises(InvalidInputError, match="no released predictor is known"):
+        import_official(tmp_path / "x.pt", model="qwen2-vl-7b", task="chair")
     small = {"encoder.weight": torch.ones(4, 8), "encoder.bias": torch.ones(4), "decoder.weight": torch.ones(8, 4)}
     torch.save(small, tmp_path / "small.pt")
     with pytest.raises(IncompatibleArtifactError, match="another model"):
@@ -168,3 +171,19 @@ def test_official_predictors_are_accepted_by_the_vllm_protocol(key, file, tmp_pa
     check_request(req, EngineLimits(hidden_size=s.hidden_size, num_layers=s.num_layers, chunked_prefill=False))
     with pytest.raises(InvalidInputError, match="was made for a model of hidden size"):
         check_request(req, EngineLimits(hidden_size=576, num_layers=30, chunked_prefill=False))
+
+
+@pytest.mark.parametrize("model,task,width,want", [("llava-1.5-7b", "safety", 4096, "turn_end"),
+                                                   ("qwen2-vl-7b", "safety", 3584, "turn_end"),
+                                                   ("llava-1.5-7b", "pope", 4096, "completion_mean")])
+def test_official_predictors_are_labelled_with_where_their_targets_were_read(model, task, width, want,
+                                                                             tmp_path) -> None:
+    """The official safety targets are read at the last token of the complete assistant turn (T+/T- forced as
+    whole turns: our "turn_end"), POPE's as the mean over the forced answer; 0.3 labelled safety "last"."""
+    g = torch.Generator().manual_seed(0)
+    raw = {"encoder.weight": torch.randn(100, width, generator=g), "encoder.bias": torch.randn(100, generator=g),
+           "decoder.weight": torch.randn(width, 100, generator=g)}
+    torch.save(raw, tmp_path / "net.pt")
+    art = import_official(tmp_path / "net.pt", model=model, task=task)
+    assert art.read_position == want
+    assert SteeringArtifact.load(art.save(tmp_path / "a")).read_position == want

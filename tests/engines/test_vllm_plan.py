@@ -26,6 +26,7 @@ from learn2steer.engines.vllm.plan import (
     WorkerState,
     apply,
     build_plan,
+    put_tokens,
     read_pass,
 )
 from learn2steer.predictor import L2SNet
@@ -49,7 +50,9 @@ def registry(tmp_path: Path) -> Registry:
     arts = {"l2s": SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N,
                                     steer_layers=[2], context_layer=1, predictor=net),
             "deep": SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N,
-                                     steer_layers=[1], context_layer=3, predictor=net)}
+                                     steer_layers=[1], context_layer=3, predictor=net),
+            "last": SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N,
+                                     steer_layers=[2], context_layer=1, context_read="input_last", predictor=net)}
     return Registry({k: str(a.save(tmp_path / k)) for k, a in arts.items()}, allow_paths=True)
 
 
@@ -161,3 +164,50 @@ def test_artifact_tensors_are_bounded(registry: Registry, tmp_path: Path) -> Non
     for i in range(ARTIFACT_CACHE + 5):
         state._cached((f"path:{i}", "cpu"), lambda: torch.zeros(1))
     assert len(state.cache) == ARTIFACT_CACHE and ("path:0", "cpu") not in state.cache
+
+
+def test_an_input_last_read_with_tokens_put_in_place(registry: Registry) -> None:
+    """LLaVA-1.5's template: the official state is the bare prompt's lone "▁" (token 7 here), which the full prompt
+    lacks. The read (L'=1 <= L*=2) moves to a pass of its own in which that token replaces the prompt's at the read
+    row, in the ids and in the embeddings; the steered pass's inputs stay untouched."""
+    state = WorkerState()
+    last = {"steer": "last", "l2s_read_back": 0, "l2s_read_tokens": [7]}
+    batch = _batch([("other", None, 2, 0, 2), ("last", last, 5, 0, 5)])
+    plan = build_plan(state, batch, registry.parse)
+    assert plan is not None and not plan.captures
+    assert {layer: [r[:2] for r in reads] for layer, reads in plan.early.items()} == {1: [(6, "last")]}
+    assert plan.put == [(6, 7)]
+    assert {layer: {w.rid: list(w.rows) for w in ws} for layer, ws in plan.writes.items()} == {2: {"last": [2, 3, 4,
+                                                                                                        5, 6]}}
+    emb = torch.nn.Embedding(16, D)
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 9])
+    embeds = emb(ids).detach()
+    before = (ids.clone(), embeds.clone())
+    seen: list[torch.Tensor] = []
+
+    def forward(*, input_ids: torch.Tensor, inputs_embeds: torch.Tensor) -> None:
+        seen.append(input_ids.clone())
+        x = inputs_embeds
+        for layer in range(N):
+            x = x.cumsum(0)  # a causal mix: row 6 depends on rows 0..6
+            apply(state, x, x, layer)
+
+    read_pass(state, plan, forward, (), {"input_ids": ids, "inputs_embeds": embeds},
+              embed=lambda t: emb(t).detach())
+    assert torch.equal(ids, before[0]) and torch.equal(embeds, before[1]), "the steered pass's inputs are untouched"
+    assert seen[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    put = emb(torch.tensor([1, 2, 3, 4, 5, 6, 7])).detach()
+    h = put.cumsum(0).cumsum(0)[6]  # layer 1's output at the read row, with token 7 in place
+    want = state.predictor(state.requests["last"], torch.device("cpu"))(h[None])[0]  # type: ignore[arg-type]
+    torch.testing.assert_close(state.vectors["last"], want)
+
+
+def test_tokens_put_in_place_must_be_in_the_read_step(registry: Registry) -> None:
+    """Two tokens put in place ending at the read row, the first one computed in an earlier step: that request
+    fails alone (its earlier chunk already holds the full prompt's token there)."""
+    state = WorkerState()
+    two = {"steer": "last", "l2s_read_back": 1, "l2s_read_tokens": [7, 8]}
+    plan = build_plan(state, _batch([("two", two, 2, 6, 8)]), registry.parse)  # positions 6, 7; reads 5, 6
+    assert (plan is None or not plan.early) and "two" in state.failed
+    with pytest.raises(RuntimeError, match="neither"):
+        put_tokens([(0, 1)], {"input_ids": None, "inputs_embeds": None}, None)

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 
 from learn2steer import SteeringArtifact
-from learn2steer.engines.requests import READ_BACK, Registry
+from learn2steer.engines.requests import READ_BACK, READ_TOKENS, Registry
 from learn2steer.engines.vllm import plugin
 from learn2steer.errors import InvalidInputError
-from learn2steer.models.prompts import generation_prompt_ids
+from learn2steer.models.prompts import input_read
 from learn2steer.predictor import L2SNet
 
 
@@ -40,7 +40,10 @@ def _ids(text: str) -> list[int]:
 def last(tmp_path: Path, monkeypatch) -> None:
     art = SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=4, num_layers=3, steer_layers=[1],
                            context_layer=2, context_read="input_last", predictor=L2SNet(4, 4))
-    monkeypatch.setattr(plugin._P, "registry", Registry({"last": str(art.save(tmp_path / "last"))}))
+    same = SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=4, num_layers=3, steer_layers=[1],
+                            context_layer=1, context_read="input_last", predictor=L2SNet(4, 4))
+    monkeypatch.setattr(plugin._P, "registry", Registry({"last": str(art.save(tmp_path / "last")),
+                                                         "same": str(same.save(tmp_path / "same"))}))
 
 
 def test_each_front_end_finds_its_own_generation_prompt(last) -> None:
@@ -61,4 +64,25 @@ def test_each_front_end_finds_its_own_generation_prompt(last) -> None:
 
 def test_a_template_without_generation_prompt_is_a_sentence() -> None:
     with pytest.raises(InvalidInputError, match="does not append a generation prompt"):
-        generation_prompt_ids(_Tokenizer(""))
+        input_read(_Tokenizer(""))
+
+
+def test_llava15_template_reads_its_lone_space_token_in_a_pass_of_its_own(last) -> None:
+    """LLaVA-1.5's template and a sentencepiece tokenizer: the official read is the bare prompt's last token, a lone
+    "▁" the full prompt merges into "▁ASSISTANT:". The front end asks the worker to put that "▁" where
+    "▁ASSISTANT:" is (read_back 0, the last prompt position) in a pass of its own, never from the prefix cache,
+    even with L' <= L* (0.3 read the "?" before the generation prompt in the steered pass)."""
+    from learn2steer.models.tiny import tiny_model
+
+    tok = tiny_model("llava", real_template=True).tokenizer
+    space, assistant = tok.convert_tokens_to_ids(["▁", "▁ASSISTANT:"])
+    prompt = tok.encode("USER: is there a dog ? ASSISTANT:", add_special_tokens=False)
+    assert prompt[-1] == assistant
+    processor = SimpleNamespace(tokenizer=tok)
+    sp = SimpleNamespace(skip_reading_prefix_cache=False)
+    extra = {"steer": "same", READ_TOKENS: [9]}  # a client's own value is dropped
+    plugin._prepare_read(processor, SimpleNamespace(prompt_token_ids=prompt), sp, extra)
+    assert (extra[READ_BACK], extra[READ_TOKENS]) == (0, [space])
+    assert sp.skip_reading_prefix_cache
+    req = plugin.registry().parse(extra)
+    assert req is not None and req.reads_in_own_pass and req.read_row(len(prompt)) == len(prompt) - 1

@@ -158,3 +158,36 @@ def test_the_plain_template_of_base_models(tiny_llama) -> None:
     assert render(user + [{"role": "assistant", "content": "No"}], False) == "<s>Is the sky green?\nAnswer: No\n"
     system = [{"role": "system", "content": "Be brief."}]
     assert render(system + user, True) == "<s>Be brief.\n\nIs the sky green?\nAnswer:"
+
+
+@pytest.mark.parametrize("name", ["llava15_7b_safety.yaml", "qwen2vl_7b_safety.yaml", "llava15_7b_pope.yaml",
+                                  "qwen2vl_7b_pope.yaml", "llava15_7b_chair.yaml"])
+def test_paper_configs_run_float16_like_the_official_code(name) -> None:
+    """The official code loads LLaVA-1.5-7B and Qwen2-VL-7B with torch_dtype=torch.float16 (models/llava.py:20,
+    models/qwen_vl.py:21); 0.3's configs ran the checkpoint's dtype (bfloat16 for Qwen2-VL-7B)."""
+    from learn2steer.evaluation.pipeline import EvalConfig
+    from learn2steer.options import build, read_config
+
+    assert build(EvalConfig, read_config(name)).dtype == "float16"
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_float16_runs_as_float16_on_cpu(arch, tmp_path, coco_images) -> None:
+    """What the paper configs' dtype gives on a CPU: the model loads in float16 (not silently float32, as "auto"
+    does there) and a steered generation runs to the end with finite logits."""
+    from learn2steer.models.loading import ModelOptions
+    from learn2steer.models.prompts import PromptRow, build_inputs, forward_kwargs
+    from learn2steer.models.tiny import save_tiny
+    from learn2steer.steering import FixedVectors, steer
+    from learn2steer.vectors import SteeringVector
+
+    folder = save_tiny(arch, tmp_path / arch)
+    h = ModelOptions(model=str(folder), dtype="float16").load_model()
+    assert h.dtype == torch.float16 and h.device.type == "cpu"
+    batch = build_inputs(h, [PromptRow("is there a dog in the image ?", coco_images[0]), PromptRow("hi")])
+    vec = FixedVectors(SteeringVector({1: torch.ones(h.hidden_size)}))
+    with torch.no_grad(), steer(h, vec, alpha=1.0, scope="all", batch=batch):
+        logits = h.model(**forward_kwargs(h, batch)).logits
+        out = h.model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+    assert logits.dtype == torch.float16 and bool(torch.isfinite(logits).all())
+    assert out.shape[1] == batch.seq_len + 4

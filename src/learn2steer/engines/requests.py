@@ -36,6 +36,9 @@ KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vec
 #: set by the engine's front end (never by the client: it is overwritten): how many tokens before the last
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
 READ_BACK = "l2s_read_back"
+#: set by the front end too: the tokens an ``input_last`` read puts in place, ending at the read position, in a
+#: read-only pass (LLaVA-1.5's bare prompt ends in a lone "▁" the full prompt lacks: models.prompts.InputRead)
+READ_TOKENS = "l2s_read_tokens"
 PROMPT_SCOPES = (Scope.ALL.value, Scope.PROMPT.value)
 
 
@@ -79,6 +82,7 @@ class SteerRequest:
     vector: tuple[float, ...] | None = field(default=None, repr=False)
     read_back: int = 0
     strength: str = "absolute"
+    read_tokens: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -90,6 +94,11 @@ class SteerRequest:
         """L2S with L' > L*: v must be read in a pass of its own before the steered pass."""
         m = self.meta
         return m.reads_context and m.context_layer is not None and m.context_layer > min(m.steer_layers)
+
+    @property
+    def reads_in_own_pass(self) -> bool:
+        """v is read in a pass of its own before the steered pass: L' > L*, or tokens put in place for the read."""
+        return self.reads_after_writing or bool(self.read_tokens)
 
     def read_row(self, prompt_len: int) -> int:
         """The absolute position whose hidden state the predictor reads."""
@@ -191,7 +200,12 @@ class Registry:
         back = args.get(READ_BACK, 0)
         if isinstance(back, bool) or not isinstance(back, int) or back < 0:
             raise InvalidInputError(f"{READ_BACK} is set by the plugin, got {back!r}")
-        return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength)
+        put = args.get(READ_TOKENS, [])
+        if not isinstance(put, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                         for t in put):
+            raise InvalidInputError(f"{READ_TOKENS} is set by the plugin, got {put!r}")
+        return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength,
+                            read_tokens=tuple(put))
 
 
 def check_max_alpha(value: float) -> float:

@@ -175,21 +175,25 @@ def collate(handle: ModelHandle, encoded: Sequence[dict[str, torch.Tensor]]
 
 
 def input_length(handle: ModelHandle, row: PromptRow, prompt_ids: torch.Tensor) -> int:
-    """Tokens of ``row``'s user turn without the generation prompt, checked to be a prefix of ``prompt_ids``.
+    """Tokens of ``row``'s bare prompt (user turn, no generation prompt) when they are a prefix of ``prompt_ids``.
 
-    Causal attention makes the hidden state at that prefix's last token identical inside the full prompt,
-    so a predictor that reads "the last input token" needs no second pass *when* the prefix holds. With
-    sentencepiece templates it often does not (LLaVA-1.5's bare prompt ends in a lone "▁" that the prompt
-    with "ASSISTANT:" merges away); :func:`bare_prompts` is the official read that always works: the
-    bare prompt in a forward pass of its own.
+    Causal attention then makes the hidden state at the bare prompt's last token the same inside the full
+    prompt, so ``input_last`` can be read in the prompt's own pass. On a template whose bare prompt ends in
+    tokens the full prompt does not contain (LLaVA-1.5's sentencepiece template: a lone "▁" that "ASSISTANT:"
+    merges away, see :class:`InputRead`) no position of that pass holds it: that is a sentence naming the read
+    that always works, :func:`bare_prompts` in a pass of its own (what extraction and the HF engine do).
     """
     bare = _encode(handle, row, completion=False, add_generation_prompt=False)["input_ids"][0]
     n = int(bare.shape[0])
-    if n > int(prompt_ids.shape[0]) or not torch.equal(prompt_ids[:n], bare):
-        raise InvalidInputError(f"the chat template of {handle.name or 'the model'} does not render the prompt "
-                                "without generation prompt as a prefix of the prompt with it; the 'input_last' "
-                                "read position cannot be located")
-    return n
+    if n <= int(prompt_ids.shape[0]) and torch.equal(prompt_ids[:n], bare):
+        return n
+    full = prompt_ids.tolist()
+    common = next((i for i, (a, b) in enumerate(zip(bare.tolist(), full)) if a != b), min(n, len(full)))
+    tail = handle.tokenizer.convert_ids_to_tokens(bare.tolist()[common:])
+    raise InvalidInputError(f"on the chat template of {handle.name or 'the model'} the prompt without generation "
+                            f"prompt ends in {tail} where the prompt with it goes on differently, so no position of "
+                            "the prompt's own pass holds the 'input_last' state; read it from bare_prompts() in a pass "
+                            "of its own (as extraction and the engines do)")
 
 
 def build_inputs(handle: ModelHandle, rows: Sequence[PromptRow], *, add_generation_prompt: bool = True,
@@ -289,18 +293,59 @@ def collapse_image_tokens(ids: Sequence[int], image_token: int, images: int = 1)
     return out
 
 
-def generation_prompt_ids(tokenizer: Any) -> list[int]:
-    """The token ids the chat template appends as generation prompt (``<|im_start|>assistant\\n``, ...).
+@dataclass(frozen=True)
+class InputRead:
+    """Where the official ``input_last`` state is, seen from a prompt rendered with the generation prompt.
 
-    Found by rendering one user turn with and without it; the difference must be a textual suffix.
+    The official code reads the last token of the bare prompt (the user turn without generation prompt) in a
+    pass of its own. A full prompt is that bare prompt without its last ``bare_tail`` tokens, followed by the
+    ``generation`` tokens. On ChatML templates ``bare_tail`` is empty and the read is the token before the
+    generation prompt. On LLaVA-1.5's sentencepiece template the bare prompt ends in a lone "▁" (its user turn
+    ends in a space) that the full prompt merges into "▁ASSISTANT": ``bare_tail`` is that "▁", and the state to
+    read is that of ``bare_tail`` placed where the generation prompt starts. An engine that sees only the full
+    prompt (vLLM) reads it in a pass of its own with those tokens put in place (causal attention: every earlier
+    position is the same, so that state is the bare pass's).
     """
-    msgs = [{"role": "user", "content": "Hello"}]
+
+    generation: tuple[int, ...]
+    bare_tail: tuple[int, ...] = ()
+
+    @property
+    def back(self) -> int:
+        """How many tokens before the full prompt's last token the read sits."""
+        return len(self.generation) - len(self.bare_tail)
+
+    def matches(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether ``prompt_ids`` end with this template's generation prompt."""
+        n = len(self.generation)
+        return len(prompt_ids) > n and list(prompt_ids[-n:]) == list(self.generation)
+
+
+_PROBE = "Hello"
+
+
+def input_read(tokenizer: Any) -> InputRead:
+    """The template's :class:`InputRead`, found by rendering one user turn with and without the generation
+    prompt and comparing their tokens (string content first; a template that drops it gets typed content,
+    LLaVA-1.5's)."""
+    bare = full = ""
     try:
-        bare = tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
-        full = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        for content in (_PROBE, [{"type": "text", "text": _PROBE}]):
+            msgs = [{"role": "user", "content": content}]
+            bare = tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+            full = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            if isinstance(bare, str) and _PROBE in bare:
+                break
     except Exception as e:  # no chat template, or one that refuses a lone user turn
         raise InvalidInputError(f"the 'input_last' read needs the model's chat template, which failed: {e}") from None
     if not isinstance(bare, str) or not isinstance(full, str) or not full.startswith(bare) or full == bare:
         raise InvalidInputError("the model's chat template does not append a generation prompt to the user turn; "
                                 "the 'input_last' read position cannot be located (use the HF engine)")
-    return list(tokenizer.encode(full[len(bare):], add_special_tokens=False))
+    ids_b = list(tokenizer.encode(bare, add_special_tokens=False))
+    ids_f = list(tokenizer.encode(full, add_special_tokens=False))
+    common = next((i for i, (a, b) in enumerate(zip(ids_b, ids_f)) if a != b), min(len(ids_b), len(ids_f)))
+    read = InputRead(tuple(ids_f[common:]), tuple(ids_b[common:]))
+    if not read.generation or read.back < 0:
+        raise InvalidInputError("the model's chat template ends the user turn in more tokens than its generation "
+                                "prompt has; the 'input_last' read cannot be placed in the prompt (use the HF engine)")
+    return read

@@ -2,7 +2,9 @@
 
 They exist so that every code path (text LLM, LLaVA, Qwen2-VL) can be tested and demonstrated without
 downloading weights. Their outputs mean nothing; their shapes, templates and image-token handling are
-those of the real architectures. The tokenizer is a byte-level BPE trained in-process on a small corpus.
+those of the real architectures. The tokenizer is a byte-level BPE trained in-process on a small corpus;
+with ``real_template=True`` a VLM gets its release's own chat template instead of ChatML (LLaVA-1.5 then also a
+Llama-style sentencepiece tokenizer, whose merges are what make LLaVA's read positions differ from ChatML's).
 
 :func:`save_tiny` writes one as a checkpoint folder that both :func:`~learn2steer.models.loading.load_model`
 and vLLM load (vLLM's CPU attention needs head sizes of at least 32, hence its default width of 128).
@@ -40,6 +42,36 @@ _IMAGE_MARK = {**{a: "" for a in TEXT_ARCHS}, "llava": "<image>\n",
                "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
 
+#: LLaVA-1.5's own chat template (llava-hf/llava-1.5-7b-hf, chat_template.json): the user turn ends in a space,
+#: which a sentencepiece tokenizer leaves as a lone "▁" without the generation prompt and merges into "▁ASSISTANT"
+#: with it
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+#: Qwen2-VL-7B-Instruct's own chat template (a default system prompt, ChatML turns, vision placeholders)
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def chat_template(arch: Arch) -> str:
     """A ChatML template; images render as the architecture's placeholder tokens."""
     mark = _IMAGE_MARK[arch]
@@ -66,6 +98,32 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
+@lru_cache(maxsize=None)
+def _sentencepiece_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?.,:;'!-\n▁")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([("USER: ASSISTANT: " + _CORPUS + " ") * 2] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def sentencepiece_tokenizer(vocab_size: int = 400) -> Any:
+    """A Llama-style sentencepiece tokenizer (Metaspace "▁" prepended to the first word, BPE with byte fallback)
+    trained here, with LLaVA-1.5's ``<image>`` token and chat template: LLaVA-1.5's tokenizer family offline."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_sentencepiece_json(vocab_size)),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = LLAVA15_TEMPLATE
+    return tok
+
+
 def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
     """A real byte-level BPE tokenizer (any text encodes) with ChatML and image placeholder tokens."""
     from tokenizers import Tokenizer
@@ -78,11 +136,22 @@ def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
 
 
 def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
-               dtype: torch.dtype = torch.float32, max_positions: int = 512) -> ModelHandle:
-    """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded."""
+               dtype: torch.dtype = torch.float32, max_positions: int = 512, real_template: bool = False
+               ) -> ModelHandle:
+    """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded.
+
+    ``real_template`` (VLMs only): the release's chat template instead of ChatML: LLaVA-1.5's with a
+    sentencepiece tokenizer (:func:`sentencepiece_tokenizer`), Qwen2-VL-7B-Instruct's with the byte-level BPE.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer(arch)
+    if real_template and arch not in ("llava", "qwen2_vl"):
+        raise ValueError(f"real_template is for the VLMs (llava, qwen2_vl), not {arch!r}")
+    tok = sentencepiece_tokenizer() if real_template and arch == "llava" else tiny_tokenizer(arch)
+    template = ({"llava": LLAVA15_TEMPLATE, "qwen2_vl": QWEN2VL_TEMPLATE}[arch] if real_template
+                else chat_template(arch))
+    if real_template:
+        tok.chat_template = template
     vocab = len(tok)
     text_kw: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                                    num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -121,7 +190,7 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         improc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=chat_template(arch))
+                              chat_template=template)
         return make_handle(model, tok, proc, name="tiny-llava")
     if arch == "qwen2_vl":
         from transformers import (
@@ -146,7 +215,7 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         model = cast(Any, Qwen2VLForConditionalGeneration(cfg)).to(dtype)
         # A small pixel budget keeps the number of image tokens tiny but still image-size dependent.
         improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-        proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=chat_template(arch))
+        proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=template)
         return make_handle(model, tok, proc, name="tiny-qwen2-vl")
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
@@ -170,7 +239,8 @@ def _text_model(arch: str, text_kw: dict[str, Any]) -> Any:
 
 
 def save_tiny(arch: Arch, folder: str | os.PathLike[str], *, hidden_size: int = 128, num_layers: int = 4,
-              seed: int = 0, dtype: torch.dtype = torch.float32, max_positions: int = 2048) -> Path:
+              seed: int = 0, dtype: torch.dtype = torch.float32, max_positions: int = 2048,
+              real_template: bool = False) -> Path:
     """Write a tiny random ``arch`` as a checkpoint folder that :func:`load_model` and vLLM both load.
 
     The default width gives 4 heads of 32 dimensions (vLLM's CPU attention takes head sizes 32..512).
@@ -178,11 +248,11 @@ def save_tiny(arch: Arch, folder: str | os.PathLike[str], *, hidden_size: int = 
     ``vision_tower.vision_model.*`` (the layout of the released LLaVA-1.5 checkpoints, which transformers
     also reads), and a Qwen2-VL folder gets a ``video_preprocessor_config.json`` (vLLM builds the full
     processor, video part included). ``max_positions`` is 2048, the offline vLLM engine's default context.
-    Returns the folder.
+    ``real_template``: as in :func:`tiny_model`. Returns the folder.
     """
     out = Path(folder)
     h = tiny_model(arch, hidden_size=hidden_size, num_layers=num_layers, seed=seed, dtype=dtype,
-                   max_positions=max_positions)
+                   max_positions=max_positions, real_template=real_template)
     model: Any = h.model  # a transformers PreTrainedModel
     model.config._name_or_path = f"tiny-{arch}"
     model.save_pretrained(out)

@@ -60,8 +60,10 @@ class Plan:
 
     captures: dict[int, list[Read]] = field(default_factory=lambda: defaultdict(list))
     writes: dict[int, list[Write]] = field(default_factory=lambda: defaultdict(list))
-    #: reads of requests with L' > L* (read in a pass of their own before this step's steered pass)
+    #: reads in a pass of their own before this step's steered pass (L' > L*, or tokens put in place)
     early: dict[int, list[Read]] = field(default_factory=lambda: defaultdict(list))
+    #: (flat row, token id) put in place of the prompt's token in that pass only (an input_last read_tokens)
+    put: list[tuple[int, int]] = field(default_factory=list)
     stop_after: int | None = None   # a read-only pass: stop the forward after this layer's reads
     stopped: bool = False
     ran: int = 0
@@ -200,9 +202,15 @@ def build_plan(state: WorkerState, batch: StepBatch,
         if req.meta.reads_context:
             assert req.meta.context_layer is not None
             row = req.read_row(prompt_len)
+            first = row - len(req.read_tokens) + 1  # the read_tokens' first position (row itself when none)
             if rid not in state.vectors and computed <= row < computed + count:
-                reads = plan.early if req.reads_after_writing else plan.captures
+                if first < computed:
+                    state.fail(rid, "its input_last read puts tokens in place at positions another step computed "
+                                    "(a prompt split across steps); start the engine with chunked prefill off")
+                    continue
+                reads = plan.early if req.reads_in_own_pass else plan.captures
                 reads[req.meta.context_layer].append((start + row - computed, rid, req, row))
+                plan.put += [(start + first + k - computed, t) for k, t in enumerate(req.read_tokens)]
             elif rid not in state.vectors and any_sel:
                 state.fail(rid, "steering positions before its last prompt token was read (a prompt split across "
                                 "steps with a prompt scope); the request checks should have refused this")
@@ -298,10 +306,32 @@ def apply(state: WorkerState, stream: Any, residual: torch.Tensor, layer: int) -
                    "alpha": w.req.alpha, "source": w.req.key})
 
 
+def put_tokens(put: Sequence[tuple[int, int]], kwargs: dict[str, Any],
+               embed: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Put token ``t`` at flat row ``r`` for each ``(r, t)`` of ``put`` into a read pass's (copied) inputs: the
+    ids, and the embeddings when the model takes those (multimodal models: ``embed`` is the model's
+    ``embed_input_ids``)."""
+    if not put:
+        return
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if ids is None and embeds is None:
+        raise RuntimeError("learn2steer: a read pass must put tokens in place but the forward got neither "
+                           "input_ids nor inputs_embeds")
+    rows = torch.tensor([r for r, _ in put], dtype=torch.long)
+    toks = torch.tensor([t for _, t in put], dtype=torch.long)
+    if ids is not None:
+        ids[rows.to(ids.device)] = toks.to(ids.device, ids.dtype)
+    if embeds is not None:
+        if embed is None:
+            raise RuntimeError("learn2steer: a read pass must embed the tokens it puts in place but has no "
+                               "embedding function")
+        embeds[rows.to(embeds.device)] = embed(toks.to(embeds.device)).to(embeds.dtype)
+
+
 def read_pass(state: WorkerState, plan: Plan, forward: Callable[..., Any], args: Sequence[Any],
-              kwargs: dict[str, Any]) -> None:
-    """Read L' > L* requests' hidden states in a forward of this step without any write, stopped after the
-    deepest read.
+              kwargs: dict[str, Any], embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Read the early requests' hidden states (L' > L*, or an ``input_last`` read with tokens put in place:
+    :func:`put_tokens`) in a forward of this step without any write, stopped after the deepest read.
 
     It writes this step's KV slots unsteered up to there; the steered pass that follows overwrites the
     same slots, so nothing of it remains. The step's input tensors are the runner's persistent buffers
@@ -313,9 +343,11 @@ def read_pass(state: WorkerState, plan: Plan, forward: Callable[..., Any], args:
         return x.clone() if isinstance(x, torch.Tensor) else x
 
     first = Plan(captures=plan.early, stop_after=max(plan.early))
+    kw = {k: copy(v) for k, v in kwargs.items()}
+    put_tokens(plan.put, kw, embed)
     state.plan = first
     try:
-        forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
+        forward(*[copy(a) for a in args], **kw)
     except Exception:
         if not first.stopped:
             raise

@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import torch
 
-from learn2steer.engines.requests import READ_BACK, Registry, has_steering
+from learn2steer.engines.requests import READ_BACK, READ_TOKENS, Registry, has_steering
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
     ENV_TRACE,
@@ -63,7 +63,7 @@ from learn2steer.engines.vllm.protocol import (
     registry_from_env,
 )
 from learn2steer.errors import InvalidInputError
-from learn2steer.models.prompts import generation_prompt_ids
+from learn2steer.models.prompts import InputRead, input_read
 
 __all__ = ["ENV_TRACE", "decoder_layers", "register", "registry", "steering_enabled", "stored_vectors"]
 
@@ -229,32 +229,39 @@ def _patch_front_end(version: str) -> None:
 def _prepare_read(processor: Any, ecr: Any, sp: Any, extra: dict[str, Any]) -> None:
     """Where an L2S request reads, and whether it may read the prefix cache (API process, per request).
 
-    ``input_last`` reads the last token before the generation prompt: the prompt must end with the
-    template's generation prompt, whose length is passed on as ``l2s_read_back``. An L' > L* request
-    reads layers above the ones it writes, so it must compute its whole prompt: cached blocks of an
-    identical request hold steered keys and values there.
+    ``input_last`` reads the state the official code reads: the last token of the bare prompt in a pass of its
+    own (:class:`~learn2steer.models.prompts.InputRead`). The prompt must end with the template's generation
+    prompt; how far before the last prompt token the read sits is passed on as ``l2s_read_back``, and the
+    tokens the bare prompt ends in where the full prompt differs (LLaVA-1.5: its lone "▁") as
+    ``l2s_read_tokens``, which the worker puts in place in a read-only pass. A request read in a pass of its
+    own (those, and L' > L*) must compute its whole prompt: cached blocks of an identical request hold steered
+    keys and values, and the read position itself must be computed.
     """
     extra.pop(READ_BACK, None)  # only ever set here
+    extra.pop(READ_TOKENS, None)
     req = registry().parse(extra)
     if req is None or not req.meta.reads_context:
         return
+    own_pass = req.reads_after_writing
     if req.meta.context_read == "input_last":
         # per front end, not per process: one process may hold several offline engines (other tokenizers)
-        suffix: list[int] | None = getattr(processor, "_l2s_generation_prompt", None)
-        if suffix is None:
+        read: InputRead | None = getattr(processor, "_l2s_input_read", None)
+        if read is None:
             tok = processor.tokenizer
             if tok is None:
                 raise InvalidInputError("the 'input_last' read needs the tokenizer; start vLLM without "
                                         "skip_tokenizer_init")
-            suffix = generation_prompt_ids(tok)
-            processor._l2s_generation_prompt = suffix
-        ids = list(ecr.prompt_token_ids or [])
-        if len(ids) <= len(suffix) or ids[-len(suffix):] != suffix:
+            read = input_read(tok)
+            processor._l2s_input_read = read
+        if not read.matches(list(ecr.prompt_token_ids or [])):
             raise InvalidInputError("this L2S artifact reads the last input token before the generation prompt, "
                                     "but the prompt does not end with the chat template's generation prompt; send "
                                     "a chat request (or a prompt rendered with add_generation_prompt=True)")
-        extra[READ_BACK] = len(suffix)
-    if req.reads_after_writing:
+        extra[READ_BACK] = read.back
+        if read.bare_tail:
+            extra[READ_TOKENS] = list(read.bare_tail)
+            own_pass = True
+    if own_pass:
         sp.skip_reading_prefix_cache = True
 
 
@@ -327,8 +334,10 @@ def _patch_runner() -> None:
 
     def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         plan = build_plan(_W, step_batch(self), _parse)
-        if plan is not None and plan.early:  # L' > L*: read first, in a pass that writes nothing
-            read_pass(_W, plan, lambda *a, **k: orig_forward(self, *a, **k), args, kwargs)
+        if plan is not None and plan.early:  # L' > L*, or tokens put in place: read first, in a pass writing nothing
+            model = self.get_model() if hasattr(self, "get_model") else self.model
+            read_pass(_W, plan, lambda *a, **k: orig_forward(self, *a, **k), args, kwargs,
+                      embed=lambda ids: model.embed_input_ids(ids))
         _W.plan = plan
         try:
             out = orig_forward(self, *args, **kwargs)
