@@ -36,7 +36,7 @@ from learn2steer.activations import CONTEXT_POSITIONS, ContextPosition
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
 from learn2steer.options import check_choice
-from learn2steer.predictor import Gated, L2SNet, check_finite_weights
+from learn2steer.predictor import Gated, check_finite_weights
 from learn2steer.steering import PredictedVectors, Scope, Strength, check_alpha, finite_in
 from learn2steer.vectors import SteeringVector
 
@@ -72,25 +72,12 @@ PREDICTORS: dict[str, PredictorKind] = {}
 
 
 def register_predictor(kind: PredictorKind) -> PredictorKind:
-    """Make an artifact kind loadable and savable (one line in the method's module)."""
+    """Make an artifact kind loadable and savable (one line in the method's module: ``l2s`` in
+    :mod:`learn2steer.l2s`, ``cast`` in :mod:`learn2steer.cast`)."""
     if kind.name == "fixed":
         raise ValueError("'fixed' is the kind of fixed vectors, not a predictor kind")
     PREDICTORS[kind.name] = kind
     return kind
-
-
-def _l2s_shape(net: torch.nn.Module) -> dict[str, Any]:
-    assert isinstance(net, L2SNet)
-    return {"d_in": net.d_in, "d_out": net.d_out, "hidden": net.hidden}
-
-
-def _l2s_build(cfg: dict[str, Any]) -> torch.nn.Module:
-    if not all(_is_int(cfg.get(k)) and cfg[k] > 0 for k in ("d_in", "d_out", "hidden")):
-        raise IncompatibleArtifactError("the predictor entry needs positive integers d_in, d_out, hidden")
-    return L2SNet(cfg["d_in"], cfg["d_out"], cfg["hidden"])
-
-
-register_predictor(PredictorKind("l2s", describe=_l2s_shape, build=_l2s_build, gated=True))
 
 
 # ---- the config schema ------------------------------------------------------------------------------------
