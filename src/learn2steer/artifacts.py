@@ -242,8 +242,11 @@ class SteeringArtifact:
             cfg["predictor"] = PREDICTORS[self.kind].describe(self.predictor)
         return cfg
 
-    def save(self, path: str | Path) -> Path:
-        """Write the folder (tensors, config with checksums, model card); returns its path."""
+    def save(self, path: str | Path, *, card: bool = True) -> Path:
+        """Write the folder (tensors, config with checksums, model card); returns its path.
+
+        ``card=False`` leaves the model card out: a folder only engines read (the offline vLLM engine hands
+        in-memory methods to its workers this way), which need the tensors and the config alone."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         if self.kind == "fixed":
@@ -264,7 +267,8 @@ class SteeringArtifact:
         cfg = self.config()
         cfg["files"] = {name: file_sha256(out / name)}
         write_json(out / CONFIG, cfg)
-        write_text_atomic(out / CARD, model_card(self))
+        if card:
+            write_text_atomic(out / CARD, model_card(self))
         return out
 
     @classmethod

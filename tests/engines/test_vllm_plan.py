@@ -161,3 +161,16 @@ def test_artifact_tensors_are_bounded(registry: Registry, tmp_path: Path) -> Non
     for i in range(ARTIFACT_CACHE + 5):
         state._cached((f"path:{i}", "cpu"), lambda: torch.zeros(1))
     assert len(state.cache) == ARTIFACT_CACHE and ("path:0", "cpu") not in state.cache
+
+
+def test_inline_vectors_per_layer_are_written_at_their_own_layers() -> None:
+    """A request whose vectors differ between layers adds each layer's own (the HF engine's per-input vectors)."""
+    state = WorkerState()
+    extra = {"steer_vector": [[1.0] * D, [3.0] * D], "steer_layers": [0, 2], "alpha": 2.0}
+    state.plan = build_plan(state, _batch([("r", extra, 2, 0, 2)]), Registry({}, allow_paths=True).parse)
+    added = {}
+    for layer in (0, 2):
+        residual = torch.zeros(2, D)
+        apply(state, residual, residual, layer)
+        added[layer] = residual
+    assert torch.equal(added[0], torch.full((2, D), 2.0)) and torch.equal(added[2], torch.full((2, D), 6.0))
