@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from learn2steer._io import file_sha256, read_json, write_json, write_text_atomic
+from learn2steer._io import file_sha256, fingerprint, read_json, write_json, write_text_atomic
 from learn2steer._version import __version__
 from learn2steer.activations import CONTEXT_POSITIONS, ContextPosition
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
@@ -242,21 +242,35 @@ class SteeringArtifact:
             cfg["predictor"] = PREDICTORS[self.kind].describe(self.predictor)
         return cfg
 
-    def save(self, path: str | Path, *, card: bool = True) -> Path:
-        """Write the folder (tensors, config with checksums, model card); returns its path.
+    def save(self, path: str | Path) -> Path:
+        """Write the folder (tensors, config with checksums, model card); returns its path."""
+        out = self._write(Path(path), *self._tensors(), self.config())
+        write_text_atomic(out / CARD, model_card(self))
+        return out
 
-        ``card=False`` leaves the model card out: a folder only engines read (the offline vLLM engine hands
-        in-memory methods to its workers this way), which need the tensors and the config alone."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+    def save_once(self, root: str | Path) -> Path:
+        """The folder ``root/<content hash>`` that holds this artifact for engines: tensors and ``config.json``,
+        no model card, written the first time these contents are met and reused after. An engine hands an
+        in-memory method to its processes this way, once per distinct artifact (the offline vLLM engine)."""
+        name, tensors = self._tensors()
+        cfg = self.config()
+        out = Path(root) / fingerprint(cfg, tensors=[tensors[k] for k in sorted(tensors)], length=24)
+        if not (out / CONFIG).exists():  # written last and atomically: there means complete
+            self._write(out, name, tensors, cfg)
+        return out
+
+    def _tensors(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """The tensor file's name and its tensors (a fixed vector's layers, or the predictor's state dict)."""
         if self.kind == "fixed":
             assert self.vector is not None
-            name = VECTORS
-            tensors = {f"layer.{k}": v.detach().float().contiguous().cpu() for k, v in self.vector.items()}
-        else:
-            assert self.predictor is not None
-            name = PREDICTOR
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.predictor.state_dict().items()}
+            return VECTORS, {f"layer.{k}": v.detach().float().contiguous().cpu() for k, v in self.vector.items()}
+        assert self.predictor is not None
+        return PREDICTOR, {k: v.detach().contiguous().cpu() for k, v in self.predictor.state_dict().items()}
+
+    @staticmethod
+    def _write(out: Path, name: str, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Path:
+        """Write the tensor file, then ``config.json`` with its checksum (each atomically, the config last)."""
+        out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
         os.close(fd)
         try:
@@ -264,11 +278,7 @@ class SteeringArtifact:
             os.replace(tmp, out / name)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        cfg = self.config()
-        cfg["files"] = {name: file_sha256(out / name)}
-        write_json(out / CONFIG, cfg)
-        if card:
-            write_text_atomic(out / CARD, model_card(self))
+        write_json(out / CONFIG, {**cfg, "files": {name: file_sha256(out / name)}})
         return out
 
     @classmethod

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from learn2steer._io import fingerprint
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example
 from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, check_plugin_installed
@@ -60,7 +59,6 @@ class VLLMEngine:
         self.llm, self.templates = llm, templates
         self._model_name, self.hidden_size, self.num_layers = model_name, hidden_size, num_layers
         self.workdir = Path(tempfile.mkdtemp(prefix="l2s-vllm-"))
-        self._saved: dict[str, str] = {}
         self.last_outputs: list[Any] = []
 
     @property
@@ -137,16 +135,6 @@ class VLLMEngine:
         return {"prompt_token_ids": collapse_image_tokens(ids, image_token_id(self.templates)),
                 "multi_modal_data": {"image": load_image(row.image)}}
 
-    def folder(self, art: SteeringArtifact) -> str:
-        """The work folder the engine's processes read ``art`` from: its tensors and ``config.json`` (no model
-        card), written the first time this engine meets this artifact's contents, reused after."""
-        tensors = [v for _, v in sorted(art.predictor.state_dict().items())] if art.predictor is not None else (
-            [v for _, v in sorted(art.vector.items())] if art.vector is not None else [])
-        key = fingerprint(art.config(), tensors=tensors, length=24)
-        if key not in self._saved:
-            self._saved[key] = str(art.save(self.workdir / key, card=False))
-        return self._saved[key]
-
     def extra_args(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[dict[str, Any] | None]:
         """Each request's steering, as the plugin reads it (every setting explicit: a folder's stored alpha,
         scope and strength never stand in for the method's)."""
@@ -155,14 +143,14 @@ class VLLMEngine:
         common: dict[str, Any] = {"alpha": float(cfg.alpha), "scope": Scope.parse(cfg.scope).value,
                                   "strength": Strength.parse(cfg.strength).value}
         if cfg.artifact is not None and cfg.artifact.reads_context:
-            path = self.folder(cfg.artifact)
+            path = str(cfg.artifact.save_once(self.workdir))
             return [{"steer_path": path, "gated": cfg.gated, **common} for _ in examples]
         vec = cfg.vector
         assert vec is not None
         if not vec.per_row:
             art = SteeringArtifact(kind="fixed", method=cfg.method, model=self.model_name, hidden_size=vec.hidden_size,
                                    num_layers=self.num_layers, steer_layers=list(vec), vector=vec)
-            path = self.folder(art)
+            path = str(art.save_once(self.workdir))
             return [{"steer_path": path, **common} for _ in examples]
         provider = cfg.provider_for([e.id for e in examples])
         assert isinstance(provider, FixedVectors)
