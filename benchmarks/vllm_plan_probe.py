@@ -23,6 +23,7 @@ import torch
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.engines.requests import Registry
 from learn2steer.engines.vllm import plugin
+from learn2steer.engines.vllm.plan import build_plan
 from learn2steer.predictor import L2SNet
 
 D, LAYERS, L_STAR, BATCH, PROMPT, STEPS = 576, 30, 12, 16, 40, 128
@@ -41,19 +42,20 @@ def _runner(extra: dict | None, computed: int, count: int) -> SimpleNamespace:
 
 def _generation(extra: dict | None) -> float:
     """Seconds of plugin work for one prefill + STEPS decode steps of BATCH requests."""
-    plugin._W.requests.clear()
-    plugin._W.vectors.clear()
+    state = plugin.worker()
+    for i in range(BATCH):  # what vLLM does when a request finishes: the next generation starts afresh
+        state.forget(f"r{i}")
     hidden_p, resid_p = torch.randn(BATCH * PROMPT, D), torch.randn(BATCH * PROMPT, D)
     hidden_d, resid_d = torch.randn(BATCH, D), torch.randn(BATCH, D)
     t = time.perf_counter()
     for step in range(STEPS + 1):
         prefill = step == 0
         runner = _runner(extra, 0 if prefill else PROMPT + step - 1, PROMPT if prefill else 1)
-        plugin._W.plan = plugin.build_plan(plugin._W, plugin.step_batch(runner), plugin._parse)
+        state.plan = build_plan(state, plugin.step_batch(runner), plugin.parse_request)
         hidden, resid = (hidden_p, resid_p) if prefill else (hidden_d, resid_d)
         for layer in range(LAYERS):
-            plugin._steer_impl(hidden, resid, layer)
-        plugin._W.plan = None
+            plugin.steer_op(hidden, resid, layer)
+        state.plan = None
     return time.perf_counter() - t
 
 
@@ -62,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         art = SteeringArtifact(kind="l2s", method="l2s", model="probe", hidden_size=D, num_layers=LAYERS,
                                steer_layers=[L_STAR], context_layer=L_STAR, predictor=L2SNet(D, D))
-        plugin._P.registry = Registry({"l2s": str(art.save(Path(tmp) / "l2s"))}, allow_paths=False)
+        plugin.use_registry(Registry({"l2s": str(art.save(Path(tmp) / "l2s"))}, allow_paths=False))
         _generation({"steer": "l2s"})  # load the predictor once, as a server does
         times: dict[str, list[float]] = {"none": [], "l2s": []}
         for _ in range(9):

@@ -176,11 +176,24 @@ def test_push_to_hub_and_load_by_repo_id(arts, tiny_llama, tmp_path) -> None:
         SteeringArtifact.load(str(tmp_path / "nope" / "deeper"))
 
 
-def test_validate_config_tolerates_optional_keys(arts) -> None:
-    cfg = arts["mean"].config()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        validate_config(cfg, "x")
+def test_validate_config_tolerates_optional_keys(arts, tmp_path) -> None:
+    """A config.json holding only the required keys (and, for a predictor, its shape and L') validates without a
+    warning and loads with the defaults of everything it lacks."""
+    from learn2steer.artifacts import _SCHEMA
+
+    optional = {k for k, (_, _, required) in _SCHEMA.items() if not required}
+    for name, needed in (("mean", set()), ("l2s", {"predictor", "context_layer"})):
+        full = arts[name].config()
+        cfg = {k: v for k, v in full.items() if k not in optional - needed}
+        assert len(set(full) - set(cfg)) >= 10 and set(cfg) <= {k for k in _SCHEMA if k not in optional} | needed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert validate_config(cfg, "x") == cfg
+            folder = arts[name].save(tmp_path / name)
+            (folder / "config.json").write_text(json.dumps(cfg))
+            back = SteeringArtifact.load(folder)
+        assert (back.alpha, back.scope, back.strength, back.gate, back.behaviour) == (1.0, "all", "absolute", 0.0, {})
+        assert back.context_read == "prompt_last" and arts[name].alpha == 2.0
 
 
 def test_fixed_artifact_needs_one_vector_per_layer(arts) -> None:

@@ -57,6 +57,12 @@ def test_extract_train_generate_from_the_command_line(model_dir, tmp_path) -> No
     assert settings["epochs"] == 4 and settings["layer"] == -2, "flags win over the config, the config fills the rest"
     art = json.loads((tmp_path / "art" / "l2s" / "config.json").read_text())
     assert art["steer_layers"] == [2] and art["context_layer"] == 1 and art["alpha"] == 3.0
+    r = runner.invoke(app, ["train", "--extraction", str(tmp_path / "ext"), "--config", str(cfg), "--methods", "mean",
+                            "--out", str(tmp_path / "only")])  # trains what it is asked for: no L2S fit, no history
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["mean", "settings.json"]
+    r = runner.invoke(app, ["train", "--extraction", str(tmp_path / "ext"), "--methods", "p2s", "--out", "o"])
+    assert r.exit_code == 2 and "method 'p2s' has no artifact to train" in r.output
     out = tmp_path / "gen" / "answers.jsonl"
     (tmp_path / "gen").mkdir()
     (tmp_path / "gen" / "settings.json").write_text("{}")  # a neighbour's file: left alone

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from learn2steer.cli import app
@@ -64,9 +65,29 @@ def test_doc_command_names_real_commands_and_options(where: str, argv: list[str]
     sub = [w for w in words if not w.startswith("-")][:2]
     helped = CliRunner().invoke(app, [*sub[:2], "--help"] if sub[:1] == ["score"] else [*sub[:1], "--help"])
     assert helped.exit_code == 0, f"{where}: `l2s {' '.join(sub[:1])}` is not a command"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", helped.output)
+    options = _options(sub)
     for opt in (w.split("=")[0] for w in words if w.startswith("--")):
-        assert opt in text, f"{where}: option {opt} is not an option of `l2s {' '.join(sub[:1])}`"
+        assert opt in options, f"{where}: option {opt} is not an option of `l2s {' '.join(sub[:1])}`"
+
+
+def _options(sub: list[str]) -> set[str]:
+    """Every option name of the command ``sub`` names (``--x`` and ``--no-x`` of flags, and ``--help``), exactly
+    as the CLI parses them: a doc's ``--out`` must be an option, not the prefix of ``--out-dir``."""
+    cmd = typer.main.get_command(app)
+    for word in sub[:2]:
+        group = getattr(cmd, "commands", None)
+        if not group or word not in group:
+            break
+        cmd = group[word]
+    return {"--help"} | {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def test_option_check_is_exact() -> None:
+    """An option is one of the command's, not the prefix of one: `l2s extract` has ``--layers``, not ``--layer``
+    (a substring check of the help text passed ``--layer`` there); subcommands' options are their own."""
+    assert "--layers" in _options(["extract"]) and "--layer" not in _options(["extract"])
+    assert {"--layer", "--gate", "--no-gate", "--help"} <= _options(["train"]) and "--layers" not in _options(["train"])
+    assert "--gt" in _options(["score", "chair"]) and "--gt" not in _options(["score"])
 
 
 @pytest.mark.slow

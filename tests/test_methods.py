@@ -114,3 +114,29 @@ def test_strength_flows_from_artifact_cli_and_eval_settings(setup, tmp_path) -> 
     with pytest.raises(InvalidInputError, match="strength must be one of absolute, relative, got 'loud'"):
         EvalConfig(out=tmp_path, strength="loud")  # the sentence of every fixed choice (options.check_choice)
     assert config_for("mean", artifacts=arts, strength="relative").strength == "relative"
+
+
+def test_no_gate_is_an_option_of_l2s_spelled_l2s_nogate(setup, tmp_path) -> None:
+    """L2S registers like CAST (its own module); `l2s_nogate` is L2S with gated=False, a spelling that keeps the
+    names of configs, grid cells and fingerprints; `l2s generate --method` takes a method or its spelling."""
+    from learn2steer.artifacts import PREDICTORS
+    from learn2steer.jobs import GenerateJob
+    from learn2steer.training import TRAINERS
+
+    _, arts = setup
+    assert PREDICTORS["l2s"].gated and TRAINERS["l2s"].__module__ == "learn2steer.l2s"
+    assert METHODS["l2s"].__class__ is METHODS["cast"].__class__ and METHODS["l2s"].spelling_of is None
+    nogate = METHODS["l2s_nogate"]
+    assert (nogate.spelling_of, nogate.base, nogate.tuned_as, nogate.gated) == ("l2s", "l2s", "l2s", False)
+    assert MethodConfig.from_artifact(arts["l2s"], gated=False).method == "l2s_nogate"
+    assert MethodConfig.from_artifact(arts["l2s"]).method == "l2s"
+    assert MethodConfig.from_artifact(arts["cast"], gated=False).method == "cast"  # no spelling: the option as given
+    folder = str(arts["l2s"].save(tmp_path / "l2s"))
+    off = GenerateJob(prompt=["hi"], artifact=folder, method="l2s_nogate").method_config()
+    assert (off.method, off.gated) == ("l2s_nogate", False)
+    assert GenerateJob(prompt=["hi"], artifact=folder).method_config().gated
+    with pytest.raises(InvalidInputError, match="--method cast does not apply to a l2s artifact"):
+        GenerateJob(prompt=["hi"], artifact=folder, method="cast").method_config()
+    mean = str(arts["mean"].save(tmp_path / "mean"))
+    with pytest.raises(InvalidInputError, match="--method l2s_nogate does not apply to a mean artifact"):
+        GenerateJob(prompt=["hi"], artifact=mean, method="l2s_nogate").method_config()

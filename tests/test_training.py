@@ -54,3 +54,26 @@ def test_mean_vectors_and_layer_checks(ex) -> None:
     assert arts["mean_ba"].vector is not None and list(arts["mean_ba"].vector) == [2]
     with pytest.raises(InvalidInputError, match="not extracted"):
         train_artifacts(ex, steer_layer=3, context_layer=1, progress=False)
+
+
+def test_a_call_trains_only_what_it_asks_for(ex, monkeypatch) -> None:
+    """`train=` runs the named trainers alone (no L2S fit when L2S is not asked); asking for nothing trains every
+    registered one, as before; an unknown name is a sentence listing the trainers."""
+    import learn2steer.l2s as l2s_module
+    from learn2steer.methods import artifacts_for
+    from learn2steer.training import TRAINERS
+
+    fits: list[int] = []
+    real = TRAINERS["l2s"]
+    monkeypatch.setitem(TRAINERS, "l2s", lambda inputs: fits.append(1) or real(inputs))
+    arts, res = train_artifacts(ex, steer_layer=2, context_layer=1, cfg=TrainConfig(epochs=1), progress=False,
+                                train=["mean", "cast"])
+    assert sorted(arts) == ["cast", "mean"] and res is None and not fits
+    arts, res = train_artifacts(ex, steer_layer=2, context_layer=1, cfg=TrainConfig(epochs=1), progress=False)
+    assert sorted(arts) == ["cast", "l2s", "mean", "mean_ba"] and res is not None and fits == [1]
+    assert l2s_module.train_l2s is real
+    # the methods a grid answers -> the artifacts they read: P2S uses L2S's targets, Mean-S(BA) is tuned as Mean-S
+    assert artifacts_for(["p2s"]) == ["l2s"] and artifacts_for(["l2s_nogate"]) == ["l2s"]
+    assert artifacts_for(["mean_ba", "no_steering"]) == ["mean", "mean_ba"]
+    with pytest.raises(InvalidInputError, match="no trainer for 'magic'; choose from mean, mean_ba, l2s, cast"):
+        train_artifacts(ex, steer_layer=2, context_layer=1, progress=False, train=["magic"])

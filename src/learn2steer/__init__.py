@@ -9,6 +9,7 @@ models -> activations -> vectors -> extraction -> predictor -> steering -> artif
 >>> l2s.generate_with(h, l2s.MethodConfig.from_artifact(art), examples)  # doctest: +SKIP
 """
 
+from learn2steer import l2s as _l2s  # noqa: F401  registers the L2S method, its artifact kind and trainer
 from learn2steer._version import __version__
 from learn2steer.activations import Site, read
 from learn2steer.artifacts import SteeringArtifact

@@ -30,13 +30,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from learn2steer._io import file_sha256, read_json, write_json, write_text_atomic
+from learn2steer._io import file_sha256, fingerprint, read_json, write_json, write_text_atomic
 from learn2steer._version import __version__
 from learn2steer.activations import CONTEXT_POSITIONS, ContextPosition
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.models.loading import ModelHandle
 from learn2steer.options import check_choice
-from learn2steer.predictor import Gated, L2SNet, check_finite_weights
+from learn2steer.predictor import Gated, check_finite_weights
 from learn2steer.steering import PredictedVectors, Scope, Strength, check_alpha, finite_in
 from learn2steer.vectors import SteeringVector
 
@@ -72,25 +72,12 @@ PREDICTORS: dict[str, PredictorKind] = {}
 
 
 def register_predictor(kind: PredictorKind) -> PredictorKind:
-    """Make an artifact kind loadable and savable (one line in the method's module)."""
+    """Make an artifact kind loadable and savable (one line in the method's module: ``l2s`` in
+    :mod:`learn2steer.l2s`, ``cast`` in :mod:`learn2steer.cast`)."""
     if kind.name == "fixed":
         raise ValueError("'fixed' is the kind of fixed vectors, not a predictor kind")
     PREDICTORS[kind.name] = kind
     return kind
-
-
-def _l2s_shape(net: torch.nn.Module) -> dict[str, Any]:
-    assert isinstance(net, L2SNet)
-    return {"d_in": net.d_in, "d_out": net.d_out, "hidden": net.hidden}
-
-
-def _l2s_build(cfg: dict[str, Any]) -> torch.nn.Module:
-    if not all(_is_int(cfg.get(k)) and cfg[k] > 0 for k in ("d_in", "d_out", "hidden")):
-        raise IncompatibleArtifactError("the predictor entry needs positive integers d_in, d_out, hidden")
-    return L2SNet(cfg["d_in"], cfg["d_out"], cfg["hidden"])
-
-
-register_predictor(PredictorKind("l2s", describe=_l2s_shape, build=_l2s_build, gated=True))
 
 
 # ---- the config schema ------------------------------------------------------------------------------------
@@ -257,16 +244,33 @@ class SteeringArtifact:
 
     def save(self, path: str | Path) -> Path:
         """Write the folder (tensors, config with checksums, model card); returns its path."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._write(Path(path), *self._tensors(), self.config())
+        write_text_atomic(out / CARD, model_card(self))
+        return out
+
+    def save_once(self, root: str | Path) -> Path:
+        """The folder ``root/<content hash>`` that holds this artifact for engines: tensors and ``config.json``,
+        no model card, written the first time these contents are met and reused after. An engine hands an
+        in-memory method to its processes this way, once per distinct artifact (the offline vLLM engine)."""
+        name, tensors = self._tensors()
+        cfg = self.config()
+        out = Path(root) / fingerprint(cfg, tensors=[tensors[k] for k in sorted(tensors)], length=24)
+        if not (out / CONFIG).exists():  # written last and atomically: there means complete
+            self._write(out, name, tensors, cfg)
+        return out
+
+    def _tensors(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """The tensor file's name and its tensors (a fixed vector's layers, or the predictor's state dict)."""
         if self.kind == "fixed":
             assert self.vector is not None
-            name = VECTORS
-            tensors = {f"layer.{k}": v.detach().float().contiguous().cpu() for k, v in self.vector.items()}
-        else:
-            assert self.predictor is not None
-            name = PREDICTOR
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.predictor.state_dict().items()}
+            return VECTORS, {f"layer.{k}": v.detach().float().contiguous().cpu() for k, v in self.vector.items()}
+        assert self.predictor is not None
+        return PREDICTOR, {k: v.detach().contiguous().cpu() for k, v in self.predictor.state_dict().items()}
+
+    @staticmethod
+    def _write(out: Path, name: str, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Path:
+        """Write the tensor file, then ``config.json`` with its checksum (each atomically, the config last)."""
+        out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
         os.close(fd)
         try:
@@ -274,10 +278,7 @@ class SteeringArtifact:
             os.replace(tmp, out / name)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        cfg = self.config()
-        cfg["files"] = {name: file_sha256(out / name)}
-        write_json(out / CONFIG, cfg)
-        write_text_atomic(out / CARD, model_card(self))
+        write_json(out / CONFIG, {**cfg, "files": {name: file_sha256(out / name)}})
         return out
 
     @classmethod

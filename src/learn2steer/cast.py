@@ -32,7 +32,7 @@ from learn2steer.behaviours import ZERO
 from learn2steer.errors import IncompatibleArtifactError
 from learn2steer.extraction import Extraction
 from learn2steer.methods import Method, register_method
-from learn2steer.training import register_trainer
+from learn2steer.training import TrainInputs, register_trainer
 
 
 class CASTNet(nn.Module):
@@ -154,9 +154,9 @@ def condition_rows(ex: Extraction) -> torch.Tensor:
     return torch.tensor([c in groups if groups else c != ZERO for c in ex.contrasts], dtype=torch.bool)
 
 
-def train_cast(ex: Extraction, steer_layer: int, context_layer: int, common: dict[str, Any]
-               ) -> SteeringArtifact | None:
+def train_cast(inputs: TrainInputs) -> SteeringArtifact | None:
     """The CAST artifact of an extraction (None when the condition would hold for every input or none)."""
+    ex, steer_layer, context_layer, common = inputs.ex, inputs.steer_layer, inputs.context_layer, inputs.common
     holds = condition_rows(ex)
     if bool(holds.all()) or not bool(holds.any()):
         return None

@@ -19,7 +19,7 @@ from learn2steer.engines import EngineName, generate_with, make_engine
 from learn2steer.errors import InvalidInputError
 from learn2steer.evaluation.data import DataOptions
 from learn2steer.extraction import extract_to, load_extraction
-from learn2steer.methods import METHODS, MethodConfig
+from learn2steer.methods import METHODS, MethodConfig, artifacts_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape
 from learn2steer.options import as_dict, check_choices
 from learn2steer.predictor import TrainConfig
@@ -64,11 +64,14 @@ class ExtractJob(ModelOptions, DataOptions):
 
 @dataclass
 class TrainJob(TrainConfig):
-    """``l2s train``: the L2S predictor (and Mean-S / Mean-S(BA)) from an extraction; no model loaded."""
+    """``l2s train``: the artifacts of the asked methods (default: every trainable one: L2S, Mean-S, Mean-S(BA),
+    CAST, ...) from an extraction; no model loaded."""
 
     extraction: Path | None = field(default=None, metadata={"help": "Folder written by `l2s extract`."})
     out: Path | None = field(default=None, metadata={
-        "help": "Artifacts folder: l2s/, mean/, mean_ba/ are written inside."})
+        "help": "Artifacts folder: one folder per artifact (l2s/, mean/, mean_ba/, cast/) is written inside."})
+    methods: list[str] = field(default_factory=list, metadata={
+        "help": "Methods to train artifacts for (default: every one with a trainer: l2s, mean, mean_ba, cast, ...)."})
     layer: int | None = field(default=None, metadata={"help": "Steering layer L* (default: the first extracted)."})
     context_layer: int | None = field(default=None, metadata={"help": "Context layer L' (default: L*)."})
     rescale: bool = field(default=True, metadata={
@@ -113,14 +116,27 @@ class TrainJob(TrainConfig):
         cfg = TrainConfig.from_dict(as_dict(self))
         arts, result = train_artifacts(ex, steer_layer=layer, context_layer=ctx, cfg=cfg, ids=ids,
                                        rescale_group=spec.get("rescale_group") if self.rescale else None,
-                                       alpha=self.alpha, scope=self.scope, gate=self.gate, progress=progress)
+                                       alpha=self.alpha, scope=self.scope, gate=self.gate, progress=progress,
+                                       train=self._trainers())
         for art in arts.values():
             art.strength = self.strength  # a StrengthName, checked with the other fixed choices
         write_json(out / "settings.json", {"command": "train", "version": __version__, **as_dict(self)})
         paths = save_artifacts(arts, out)
+        done = f"artifacts: {', '.join(str(p) for p in paths.values()) or 'none (the data support none of them)'}"
+        if result is None:
+            return done
         write_json(out / "training_history.json", result.history)
-        return (f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}; "
-                f"artifacts: {', '.join(str(p) for p in paths.values())}")
+        return f"best validation loss {result.best_val_loss:.4g} at epoch {result.best_epoch}; {done}"
+
+    def _trainers(self) -> list[str] | None:
+        """The trainers ``--methods`` asks for (None: all); a method that trains nothing is named."""
+        if not self.methods:
+            return None
+        for name in self.methods:
+            if method(name).source != "artifact":
+                trainable = ", ".join(m for m in METHODS if METHODS[m].source == "artifact")
+                raise InvalidInputError(f"method {name!r} has no artifact to train; --methods takes {trainable}")
+        return artifacts_for(self.methods)
 
 
 @dataclass
@@ -137,7 +153,8 @@ class GenerateJob(ModelOptions, DataOptions):
     artifact: str | None = field(default=None, metadata={
         "help": "A steering artifact: a local folder or a Hub repo id (owner/name)."})
     method: str = field(default="", metadata={
-        "help": "no_steering | prompt without --artifact; with an l2s artifact, l2s_nogate disables its gate."})
+        "help": "no_steering | prompt without --artifact; with an artifact, its method or a spelling of it "
+                "(l2s_nogate: L2S without its gate)."})
     instruction: str = field(default="", metadata={"help": "Instruction of the prompt method (default: the "
                                                            "behaviour's)."})
     behaviour: str = field(default="safety", metadata={"help": "Behaviour whose instruction the prompt method uses."})
@@ -172,10 +189,12 @@ class GenerateJob(ModelOptions, DataOptions):
             check_alpha(self.alpha)
         if self.artifact:
             art = SteeringArtifact.load(self.artifact, handle)
-            if self.method and self.method not in ("l2s", "l2s_nogate", art.method):
+            asked = METHODS.get(self.method) if self.method else None  # a spelling sets the method's options
+            own = METHODS[art.method].base if art.method in METHODS else art.method
+            if self.method and (asked is None or asked.base != own):
                 raise InvalidInputError(f"--method {self.method} does not apply to a {art.method} artifact")
             return MethodConfig.from_artifact(art, alpha=self.alpha, scope=self.scope, strength=self.strength,
-                                              gated=self.method != "l2s_nogate")
+                                              gated=asked.gated if asked is not None else True)
         m = self.method or "no_steering"
         if m not in METHODS or METHODS[m].steers:
             raise InvalidInputError(f"method {m!r} needs --artifact (train one with `l2s train`)")

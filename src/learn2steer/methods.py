@@ -1,16 +1,18 @@
 """The method registry and the settings of one steered run.
 
-Every method of the paper (and learn2steer's ``l2s_nogate`` switch) is one :class:`Method` entry that
-says how its vectors are obtained and whether it steers at all; the CLI, the evaluation grid and the
-tasks read this table instead of keeping their own lists. :class:`MethodConfig` is what an engine
-needs to answer under one method: the strength, the scope and the vectors, passed whole as a
-:class:`~learn2steer.vectors.SteeringVector` or as an L2S artifact.
+Every method of the paper is one :class:`Method` entry that says how its vectors are obtained and whether
+it steers at all; the CLI, the evaluation grid and the tasks read this table instead of keeping their own
+lists. A method module registers its entry (:func:`register_method`: L2S in :mod:`learn2steer.l2s`, CAST in
+:mod:`learn2steer.cast`), with the *spellings* of its options: ``l2s_nogate`` is L2S without its gate, a
+name for (``l2s``, ``gated=False``) that configs, grid cells and result files keep using.
+:class:`MethodConfig` is what an engine needs to answer under one method: the strength, the scope and the
+vectors, passed whole as a :class:`~learn2steer.vectors.SteeringVector` or as a predictor artifact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -46,6 +48,13 @@ class Method:
     gated: bool = True
     tuned_as: str | None = None
     summary: str = ""
+    #: a spelling's method (``l2s_nogate``: ``l2s``); None for a method itself
+    spelling_of: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The method this name spells (itself for a method)."""
+        return self.spelling_of or self.name
 
     @property
     def steers(self) -> bool:
@@ -66,19 +75,63 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="one mean vector with a single behaviour template for every input"),
     Method("norm_random", "Norm-Rnd", "extraction", tuned_as="l2s",
            summary="a random direction per input with the norm of its P2S vector"),
-    Method("l2s", "L2S", "artifact", "l2s", summary="the learned predictor g(h) of each input's own vector"),
-    Method("l2s_nogate", "L2S (no gate)", "artifact", "l2s", gated=False, tuned_as="l2s",
-           summary="L2S without the learned norm gate (the paper's L2S when the artifact has a gate)"),
     Method("p2s", "P2S", "extraction", tuned_as="l2s", summary="each input's own P2S vector (oracle)"),
 )}
-ALL_METHODS: tuple[str, ...] = tuple(METHODS)  # the built-in methods (a registered method adds to METHODS)
-
-
-def register_method(m: Method) -> Method:
-    """Add a method to the registry the CLI, the grids and the engines read (one line in the method's module)."""
-    METHODS[m.name] = m
-    return m
 PAPER_METHODS: tuple[str, ...] = ("no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s")
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)  # the methods without a module of their own (modules add to METHODS)
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """A name for a method with some of its options set (``l2s_nogate``: L2S with ``gated=False``).
+
+    ``options``: :class:`Method` fields that are :class:`MethodConfig` options (today ``gated``). The spelling
+    is tuned as its method (compared at the method's chosen layer and strength).
+    """
+
+    name: str
+    paper_name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+def register_method(m: Method, *spellings: Spelling) -> Method:
+    """Add a method (and the spellings of its options) to the registry the CLI, the grids and the engines read
+    (one line in the method's module). Listings follow the paper's table (:data:`PAPER_METHODS`), then
+    registration order, each spelling after its method."""
+    METHODS[m.name] = m
+    for s in spellings:
+        METHODS[s.name] = replace(m, name=s.name, paper_name=s.paper_name, summary=s.summary or m.summary,
+                                  tuned_as=m.tuned_as or m.name, spelling_of=m.name, **dict(s.options))
+    rank = {name: k for k, name in enumerate(PAPER_METHODS)}
+    ordered = sorted(METHODS.values(), key=lambda x: rank.get(x.base, len(rank)))  # stable: registration order
+    METHODS.clear()
+    METHODS.update((x.name, x) for x in ordered)
+    return m
+
+
+def spelled(name: str, *, gated: bool = True) -> str:
+    """The registered name of method ``name`` with these options: a spelling that sets them, else ``name``."""
+    base = method(name).base
+    for m in METHODS.values():
+        if m.base == base and m.gated == gated:
+            return m.name
+    return base
+
+
+def artifacts_for(names: Iterable[str]) -> list[str]:
+    """The trained artifacts that answering these methods reads (their own, and those of the methods they
+    are tuned as: P2S and Norm-Rnd use L2S's targets and settings), in registry order: what to ask
+    :func:`~learn2steer.training.train_artifacts` for."""
+    need: set[str] = set()
+    todo = list(names)
+    while todo:
+        m = method(todo.pop())
+        if m.artifact and m.artifact not in need:
+            need.add(m.artifact)
+        if m.tuned_as and m.tuned_as != m.name:
+            todo.append(m.tuned_as)
+    return [a for a in dict.fromkeys(x.artifact for x in METHODS.values() if x.artifact) if a in need]
 
 
 def method(name: str) -> Method:
@@ -94,7 +147,8 @@ class MethodConfig:
     """How to answer: the method, its strength and scope, and its vectors.
 
     Exactly one vector source is set for a steering method: ``vector`` (a fixed [D]-per-layer vector, or
-    per-input [N, D] vectors whose rows belong to ``row_ids``) or ``artifact`` (an L2S artifact).
+    per-input [N, D] vectors whose rows belong to ``row_ids``) or ``artifact`` (a predictor artifact: L2S, CAST).
+    ``gated``: the artifact's norm gate applies (L2S's option; ``l2s_nogate`` spells it off).
     """
 
     method: str = "no_steering"
@@ -141,13 +195,11 @@ class MethodConfig:
         """Steer with a saved artifact at its stored (or the given) strength and scope."""
         common: dict[str, Any] = dict(alpha=art.alpha if alpha is None else alpha, scope=scope or art.scope,
                                       strength=strength or art.strength)
-        if art.kind == "l2s":
-            return cls(method="l2s" if gated else "l2s_nogate", artifact=art, gated=gated, **common)
         if art.reads_context:
             if art.method not in METHODS:
                 raise InvalidInputError(f"artifact method {art.method!r} is not a registered method; import the "
                                         "module that registers it")
-            return cls(method=art.method, artifact=art, gated=gated, **common)
+            return cls(method=spelled(art.method, gated=gated), artifact=art, gated=gated, **common)
         name = art.method if art.method in METHODS and METHODS[art.method].source == "artifact" else "mean"
         return cls(method=name, vector=art.vector, **common)
 

@@ -83,7 +83,8 @@ class Gated(nn.Module):
 
     Trained with zero targets for inputs to leave alone, g maps them near zero; the gate makes "near"
     exact, so those inputs are not steered at all. The threshold is a training output (chosen on
-    validation data), stored in the artifact, and switched off by the ``l2s_nogate`` method.
+    validation data), stored in the artifact, and switched off by the method's ``gated`` option (spelled
+    ``l2s_nogate``).
     """
 
     def __init__(self, net: nn.Module, threshold: float) -> None:

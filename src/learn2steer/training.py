@@ -1,37 +1,69 @@
-"""From an extraction to artifacts: the L2S predictor, Mean-S and Mean-S(BA), and every method registered with
-:func:`register_trainer` (CAST), trained on the same inputs.
+"""From an extraction to artifacts: every method registered with :func:`register_trainer` (L2S in
+:mod:`learn2steer.l2s`, CAST in :mod:`learn2steer.cast`; Mean-S and Mean-S(BA) here), trained on the same
+inputs, and the P2S targets they share.
 
 The L2S targets are the P2S vectors, with each contrast group multiplied by one scalar (the official
 code's rescaling: e.g. consultation vectors brought to the mean norm of decline vectors). The scalars
-are computed on the training rows and stored in the artifact, so P2S at test time uses the very same
-targets. The optional norm gate is a training output: chosen on the validation rows that ``fit`` held
-out, with the final network's own predictions.
+are computed on the training rows and stored in the L2S artifact, so P2S at test time uses the very same
+targets (:func:`target_scales`, :func:`p2s_vectors`).
+
+A call trains what it is asked for (``train``: trainer names) or, asked for nothing, every registered
+trainer; each trainer gets the whole :class:`TrainInputs` of the call and reads the settings it has.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
 from learn2steer.artifacts import SteeringArtifact
-from learn2steer.behaviours import ZERO
 from learn2steer.errors import InvalidInputError
 from learn2steer.extraction import Extraction
-from learn2steer.predictor import TrainConfig, TrainResult, choose_gate, fit
+from learn2steer.predictor import TrainConfig, TrainResult
 from learn2steer.vectors import SteeringVector, group_scales, mean_vector, rescale_groups
 
-Trainer = Callable[[Extraction, int, int, dict[str, Any]], "SteeringArtifact | None"]
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What every trainer gets from one :func:`train_artifacts` call.
+
+    ``ex``: the (selected) extraction rows; ``common``: the fields every artifact of the call shares (model
+    shape, layers, alpha, scope, behaviour, ``training: {"n": rows}``); ``cfg``, ``rescale_group`` and
+    ``gate``: the call's settings for a fitted predictor (L2S reads them; a trainer without a network of its
+    own ignores them).
+    """
+
+    ex: Extraction
+    steer_layer: int
+    context_layer: int
+    common: dict[str, Any]
+    cfg: TrainConfig
+    rescale_group: str | None = None
+    gate: bool = False
+    progress: bool = False
+
+
+@dataclass
+class Trained:
+    """A trainer's artifact with the gradient-descent fit behind it (its history and validation rows), for a
+    trainer that has one to hand back (L2S); a trainer without one returns the artifact alone."""
+
+    artifact: SteeringArtifact
+    fit: TrainResult | None = None
+
+
+Trainer = Callable[[TrainInputs], "SteeringArtifact | Trained | None"]
 TRAINERS: dict[str, Trainer] = {}
 
 
 def register_trainer(name: str, trainer: Trainer) -> Trainer:
-    """Train one more artifact ``name`` with every :func:`train_artifacts` call, from the same extraction rows.
+    """Make artifact ``name`` trainable by :func:`train_artifacts` (one line in the method's module).
 
-    ``trainer(ex, steer_layer, context_layer, common)`` gets the (selected) extraction, the layers, and the
-    fields every artifact of the call shares (model shape, layers, alpha, scope, behaviour); it returns the
-    artifact, or None when the data do not support the method (e.g. CAST without inputs to leave alone).
+    ``trainer(inputs)`` gets the call's :class:`TrainInputs` and returns the artifact (or a :class:`Trained`),
+    or None when the data do not support the method (e.g. CAST without inputs to leave alone).
     """
     TRAINERS[name] = trainer
     return trainer
@@ -48,58 +80,66 @@ def l2s_targets(ex: Extraction, layer: int, rescale_group: str | None
     return z * factor[:, None], scales
 
 
+def train_mean(inputs: TrainInputs) -> SteeringArtifact:
+    """Mean-S: the mean P2S vector at L* (CAA), one fixed vector for every input."""
+    at_layer = SteeringVector({inputs.steer_layer: inputs.ex.z[inputs.steer_layer]})
+    return SteeringArtifact(kind="fixed", method="mean", vector=mean_vector(at_layer, inputs.ex.contrasts),
+                            **inputs.common)
+
+
+def train_mean_ba(inputs: TrainInputs) -> SteeringArtifact | None:
+    """Mean-S(BA): the mean vector of the single behaviour template (None: the extraction has no BA vectors)."""
+    z_ba, layer = inputs.ex.z_ba, inputs.steer_layer
+    if z_ba is None or layer not in z_ba:
+        return None
+    return SteeringArtifact(kind="fixed", method="mean_ba", vector=mean_vector(SteeringVector({layer: z_ba[layer]})),
+                            **inputs.common)
+
+
+register_trainer("mean", train_mean)
+register_trainer("mean_ba", train_mean_ba)
+
+
 def train_artifacts(ex: Extraction, *, steer_layer: int, context_layer: int, cfg: TrainConfig | None = None,
                     rescale_group: str | None = None, alpha: float = 1.0, scope: str = "all",
-                    ids: Sequence[str] | None = None, gate: bool = False, progress: bool = True
-                    ) -> tuple[dict[str, SteeringArtifact], TrainResult]:
-    """Train L2S on (h at L', z at L*) and build the Mean-S / Mean-S(BA) vectors from the same inputs.
+                    ids: Sequence[str] | None = None, gate: bool = False, progress: bool = True,
+                    train: Collection[str] | None = None
+                    ) -> tuple[dict[str, SteeringArtifact], TrainResult | None]:
+    """The artifacts of (h at L', z at L*): L2S, Mean-S, Mean-S(BA), CAST, ... from the same inputs.
 
-    ``gate=True`` also chooses a norm gate for L2S on the validation rows (needs ``val_fraction > 0``
-    and inputs of the zero contrast, which the gate learns to leave alone).
+    ``train``: the trainers to run (names in :data:`TRAINERS`; :func:`learn2steer.methods.artifacts_for`
+    turns method names into them); None: every registered one. ``gate=True`` also chooses a norm gate for
+    L2S on the validation rows (needs ``val_fraction > 0`` and inputs of the zero contrast, which the gate
+    learns to leave alone). Returns the artifacts by name and the fit of the trained network (L2S's; None
+    when no trainer that ran fits one).
     """
+    names = list(TRAINERS) if train is None else list(dict.fromkeys(train))
+    unknown = [n for n in names if n not in TRAINERS]
+    if unknown:
+        raise InvalidInputError(f"no trainer for {', '.join(map(repr, unknown))}; choose from {', '.join(TRAINERS)}")
     if steer_layer not in ex.z:
         raise InvalidInputError(f"steering layer {steer_layer} was not extracted (have {sorted(ex.z)})")
     if context_layer not in ex.h:
         raise InvalidInputError(f"context layer {context_layer} was not extracted (have {sorted(ex.h)})")
     ex = ex.select(ids) if ids is not None else ex
-    cfg = cfg or TrainConfig()
-    targets, scales = l2s_targets(ex, steer_layer, rescale_group)
-    result = fit(ex.h[context_layer], targets, cfg, progress=progress,
-                 labels=ex.labels if cfg.balance_labels else None)
-    threshold = 0.0
-    if gate:
-        if not result.val_idx:
-            raise InvalidInputError("choosing a gate needs validation rows: set val_fraction > 0")
-        val = torch.tensor(result.val_idx)
-        with torch.no_grad():
-            norms = result.net(ex.h[context_layer][val]).norm(dim=-1)
-        threshold = choose_gate(norms, torch.tensor([ex.contrasts[i] != ZERO for i in result.val_idx]))
     meta = ex.meta
     # the extraction index's "read" and the artifact's "read_position" both hold the spec's position (on-disk names)
     common: dict[str, Any] = dict(model=meta["model"], hidden_size=meta["hidden_size"],
                                   num_layers=meta["num_layers"], steer_layers=[steer_layer],
                                   read_position=meta["read"], alpha=alpha, scope=scope,
                                   behaviour={"name": meta["behaviour"], "fingerprint": meta["behaviour_fingerprint"],
-                                             "spec": ex.behaviour_spec})
-    n = {"n": len(ex.ids)}
-    at_layer = SteeringVector({steer_layer: ex.z[steer_layer]})
-    arts = {
-        "l2s": SteeringArtifact(kind="l2s", method="l2s", context_layer=context_layer, predictor=result.net,
-                                context_read=str(meta.get("context_read", "prompt_last")),
-                                gate=threshold, training={**cfg.to_dict(), **result.summary(), **n,
-                                                          "rescale_group": rescale_group,
-                                                          "group_scales": {str(steer_layer): scales}}, **common),
-        "mean": SteeringArtifact(kind="fixed", method="mean", vector=mean_vector(at_layer, ex.contrasts),
-                                 training=n, **common),
-    }
-    if ex.z_ba is not None and steer_layer in ex.z_ba:
-        arts["mean_ba"] = SteeringArtifact(kind="fixed", method="mean_ba",
-                                           vector=mean_vector(SteeringVector({steer_layer: ex.z_ba[steer_layer]})),
-                                           training=n, **common)
-    for name, trainer in TRAINERS.items():
-        art = trainer(ex, steer_layer, context_layer, {**common, "training": n})
-        if art is not None:
-            arts[name] = art
+                                             "spec": ex.behaviour_spec},
+                                  training={"n": len(ex.ids)})
+    inputs = TrainInputs(ex, steer_layer, context_layer, common, cfg or TrainConfig(), rescale_group, gate, progress)
+    arts: dict[str, SteeringArtifact] = {}
+    result: TrainResult | None = None
+    for name in names:
+        out = TRAINERS[name](inputs)
+        if isinstance(out, Trained):
+            result = result or out.fit
+            out = out.artifact
+        if out is not None:
+            arts[name] = out
     return arts, result
 
 

@@ -101,3 +101,25 @@ def test_strength_is_a_request_field_with_the_artifacts_default(registry) -> Non
     for bad in ("loud", 1, None):
         with pytest.raises(InvalidInputError, match="strength"):
             registry.parse({"steer": "mean", "strength": bad})
+
+
+def test_inline_vectors_may_differ_between_layers() -> None:
+    """One vector for every layer (the 0.3 format, same source digest), or one per steering layer (what the HF
+    engine takes from per-input vectors that differ between layers); a mismatch is a sentence."""
+    import hashlib
+    import json
+
+    reg = Registry({}, allow_paths=True)
+    one = reg.parse({"steer_vector": [1.0] * D, "steer_layers": [1, 3]})
+    assert one is not None and one.vector_at(1) == one.vector_at(3) == (1.0,) * D
+    assert one.key == "inline:" + hashlib.sha256(json.dumps([[1.0] * D, [1, 3]]).encode()).hexdigest()[:24]
+    two = reg.parse({"steer_vector": [[1.0] * D, [2.0] * D], "steer_layers": [1, 3]})
+    assert two is not None and two.vector_at(1) == (1.0,) * D and two.vector_at(3) == (2.0,) * D
+    assert two.meta.hidden_size == D and two.key != one.key
+    for bad, match in [([[1.0] * D], "holds 1 vectors for 2 steer_layers"),
+                       ([[1.0] * D, [2.0] * (D - 1)], "hidden size"),
+                       ([[1.0] * D, [float("nan")] * D], "finite numbers")]:
+        with pytest.raises(InvalidInputError, match=match):
+            reg.parse({"steer_vector": bad, "steer_layers": [1, 3]})
+    with pytest.raises(InvalidInputError, match="repeats a layer"):
+        reg.parse({"steer_vector": [[1.0] * D, [2.0] * D], "steer_layers": [3, 3]})

@@ -80,3 +80,22 @@ def test_cast_and_relative_strength_equal_hf_in_one_mixed_batch(setup) -> None:
     for i, on in enumerate(holds.tolist()):
         assert (got["cast"][i] != got["none"][i]) == on, i
     assert got["mean_relative"] != got["none"] and got["l2s_relative"] != got["none"]
+
+
+def test_per_input_vectors_that_differ_between_layers_equal_hf(setup) -> None:
+    """What the HF engine takes, vLLM takes: per-input vectors with another vector at each layer go inline, one per
+    layer (0.3 refused them)."""
+    h, engine, _, _ = setup
+    d = h.hidden_size
+    g = torch.Generator().manual_seed(1)
+    rows = {layer: torch.randn(len(EXAMPLES), d, generator=g) * 4.0 for layer in (CONTEXT, STEER)}
+    cfg = MethodConfig(method="p2s", vector=SteeringVector(rows), row_ids=[e.id for e in EXAMPLES])
+    assert isinstance(engine.extra_args(cfg, EXAMPLES)[0]["steer_vector"][0], list)
+    eos = h.tokenizer.eos_token_id
+    got = [[t for t in o.outputs[0].token_ids if t != eos] for o in engine.generate(
+        engine.requests(cfg, EXAMPLES, max_new_tokens=N_NEW))]
+    want = [[t for t in x[0] if t != eos] for x in HFEngine(h).answer_tokens(
+        cfg, EXAMPLES, max_new_tokens=N_NEW, batch_size=8, progress=False)]
+    plain = [[t for t in x[0] if t != eos] for x in HFEngine(h).answer_tokens(
+        MethodConfig(), EXAMPLES, max_new_tokens=N_NEW, batch_size=8, progress=False)]
+    assert got == want and got != plain

@@ -211,3 +211,16 @@ def test_tokens_put_in_place_must_be_in_the_read_step(registry: Registry) -> Non
     assert (plan is None or not plan.early) and "two" in state.failed
     with pytest.raises(RuntimeError, match="neither"):
         put_tokens([(0, 1)], {"input_ids": None, "inputs_embeds": None}, None)
+
+
+def test_inline_vectors_per_layer_are_written_at_their_own_layers() -> None:
+    """A request whose vectors differ between layers adds each layer's own (the HF engine's per-input vectors)."""
+    state = WorkerState()
+    extra = {"steer_vector": [[1.0] * D, [3.0] * D], "steer_layers": [0, 2], "alpha": 2.0}
+    state.plan = build_plan(state, _batch([("r", extra, 2, 0, 2)]), Registry({}, allow_paths=True).parse)
+    added = {}
+    for layer in (0, 2):
+        residual = torch.zeros(2, D)
+        apply(state, residual, residual, layer)
+        added[layer] = residual
+    assert torch.equal(added[0], torch.full((2, D), 2.0)) and torch.equal(added[2], torch.full((2, D), 6.0))

@@ -4,6 +4,9 @@ can apply (engines/vllm/protocol.py). These run in the core environment; the eng
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from helpers import request_registry
 
@@ -68,3 +71,41 @@ def test_alpha_bound_is_an_operator_setting(registry, monkeypatch) -> None:
         monkeypatch.setenv("L2S_VLLM_MAX_ALPHA", bad)
         with pytest.raises(InvalidInputError, match="L2S_VLLM_MAX_ALPHA|maximum alpha"):
             registry_from_env()
+
+
+def test_offline_engine_hands_methods_over_without_a_model_card_per_call(tmp_path) -> None:
+    """An in-memory method is written once per distinct artifact (tensors + config.json, no README.md) and every
+    cell of a grid (another alpha, the gate off) reuses the folder, its settings sent in each request; per-input
+    vectors that differ between layers go inline, one per layer."""
+    import torch
+
+    from learn2steer import SteeringArtifact
+    from learn2steer.behaviours import Example
+    from learn2steer.engines.vllm.offline import VLLMEngine
+    from learn2steer.methods import MethodConfig
+    from learn2steer.predictor import L2SNet
+    from learn2steer.vectors import SteeringVector
+
+    engine = VLLMEngine(None, None, "t", D, N)
+    engine.workdir = tmp_path
+    ex = [Example("a", "hi"), Example("b", "ho")]
+    art = SteeringArtifact(kind="l2s", method="l2s", model="t", hidden_size=D, num_layers=N, steer_layers=[2],
+                           context_layer=1, predictor=L2SNet(D, D), gate=0.5, strength="relative")
+    cells = [MethodConfig.from_artifact(art, alpha=a, gated=g, strength="absolute") for a in (0.5, 2.0) for g in (1, 0)]
+    extras = [engine.extra_args(c, ex) for c in cells]
+    folders = {x["steer_path"] for e in extras for x in e if x}
+    assert len(folders) == 1 and sorted(p.name for p in Path(folders.pop()).iterdir()) == [
+        "config.json", "model.safetensors"]
+    assert [(e[0]["alpha"], e[0]["gated"], e[0]["strength"]) for e in extras] == [
+        (0.5, True, "absolute"), (0.5, False, "absolute"), (2.0, True, "absolute"), (2.0, False, "absolute")]
+    fixed = MethodConfig(method="mean", alpha=1.0, vector=SteeringVector({2: torch.ones(D)}))
+    assert engine.extra_args(fixed, ex)[0]["steer_path"] == engine.extra_args(replace(fixed, alpha=3.0), ex)[0][
+        "steer_path"] and len(list(tmp_path.iterdir())) == 2
+    rows = SteeringVector({1: torch.ones(2, D), 3: torch.stack([torch.full((D,), 2.0), torch.full((D,), 3.0)])})
+    per = engine.extra_args(MethodConfig(method="p2s", vector=rows, row_ids=["a", "b"]), ex)
+    assert per[1]["steer_vector"] == [[1.0] * D, [3.0] * D] and per[1]["steer_layers"] == [1, 3]
+    registry = Registry({}, allow_paths=True)
+    assert registry.parse(per[1]).vector_at(3) == (3.0,) * D  # type: ignore[union-attr]
+    same = engine.extra_args(MethodConfig(method="p2s", vector=SteeringVector({1: torch.ones(2, D), 3: torch.ones(
+        2, D)}), row_ids=["a", "b"]), ex)
+    assert same[0]["steer_vector"] == [1.0] * D  # one vector for every layer: the 0.3 format

@@ -118,7 +118,7 @@ def test_a_given_l2s_artifact_is_evaluated_and_p2s_keeps_the_trained_targets(tin
     from learn2steer.methods import config_for, fingerprint
 
     base = dict(dataset="demo", train_limit=48, test_limit=24, behaviour="safety_refusal", layers=[1], alphas=[1.0],
-                methods=["l2s", "p2s"], train=FAST, max_new_tokens=3, batch_size=20)
+                methods=["l2s", "p2s", "mean"], train=FAST, max_new_tokens=3, batch_size=20)
     run_eval(EvalConfig(out=tmp_path / "trained", **base), handle=tiny_llama, progress=False)
     given = SteeringArtifact.load(tmp_path / "trained" / "artifacts" / "L1" / "l2s")
     assert any(abs(s - 1) > 1e-3 for s in given.training["group_scales"]["1"].values()), "targets were rescaled"

@@ -19,7 +19,7 @@ from learn2steer.models.prompts import PromptRow, build_inputs, encode_row, forw
 from learn2steer.models.tiny import ARCHS, save_tiny, tiny_model
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "gemma2"])  # and any other text model_type transformers knows
 def test_saved_folder_loads_with_the_same_logits(arch, tmp_path, synthetic_images) -> None:
     folder = save_tiny(arch, tmp_path / arch)
     ref = tiny_model(arch, hidden_size=128, max_positions=2048)
@@ -83,3 +83,13 @@ def test_vllm_image_prompts_are_unexpanded(arch, synthetic_images) -> None:
     with pytest.raises(Exception, match="text-only"):
         image_token_id(tiny_model("llama"))
     shutil.rmtree(engine.workdir)
+
+
+def test_any_text_model_type_is_a_tiny_family_and_a_wrong_one_is_a_sentence() -> None:
+    """Beyond the seven explicit families: a config's own head_dim default (Gemma-2: 256) follows the width."""
+    cfg = tiny_model("gemma2", hidden_size=128).model.config
+    assert (cfg.model_type, cfg.head_dim, cfg.query_pre_attn_scalar, cfg.hidden_size) == ("gemma2", 32, 32, 128)
+    with pytest.raises(ValueError, match="unknown tiny architecture 'nope'"):
+        tiny_model("nope")
+    with pytest.raises(ValueError, match="no causal language model"):
+        tiny_model("clip_vision_model")

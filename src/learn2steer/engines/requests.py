@@ -11,7 +11,8 @@ artifact's. ``|alpha|`` is bounded by an operator setting (:class:`Registry`'s `
 a huge strength is never a useful answer, and one that overflows the model's dtype would put inf into the
 residual stream, whose cached blocks other requests then share. An engine that runs trusted callers
 (the offline engine) may also accept ``steer_path`` (an artifact folder) and ``steer_vector`` +
-``steer_layers`` (one fixed vector for this request, e.g. P2S); a server refuses those.
+``steer_layers`` (this request's own fixed vectors, e.g. P2S: one list of D numbers added at every layer of
+``steer_layers``, or one such list per entry of ``steer_layers``); a server refuses those.
 
 Nothing here knows an engine: the vLLM plugin (``engines/vllm/``) reads its settings from its environment
 (:mod:`learn2steer.engines.vllm.protocol`) and checks requests against what the running engine allows.
@@ -79,10 +80,18 @@ class SteerRequest:
     alpha: float
     scope: str
     gated: bool = True
-    vector: tuple[float, ...] | None = field(default=None, repr=False)
+    #: the request's own vectors (inline): one for every steering layer, or one per entry of ``meta.steer_layers``
+    vectors: tuple[tuple[float, ...], ...] | None = field(default=None, repr=False)
     read_back: int = 0
     strength: str = "absolute"
     read_tokens: tuple[int, ...] = ()
+
+    def vector_at(self, layer: int) -> tuple[float, ...]:
+        """The inline vector this request adds at ``layer`` (one of ``meta.steer_layers``)."""
+        assert self.vectors is not None, "vector_at() is for inline vectors"
+        if len(self.vectors) == 1:
+            return self.vectors[0]
+        return self.vectors[self.meta.steer_layers.index(layer)]
 
     @property
     def key(self) -> str:
@@ -165,7 +174,7 @@ class Registry:
         if len(sources) != 1:
             raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path' or "
                                     "'steer_vector'")
-        vector: tuple[float, ...] | None = None
+        vectors: tuple[tuple[float, ...], ...] | None = None
         if "steer" in ours:
             name = ours["steer"]
             if not isinstance(name, str) or name not in self.names:
@@ -180,9 +189,10 @@ class Registry:
                 raise InvalidInputError(f"steer_path {folder!r} is not an artifact folder")
             meta = self.meta(f"path:{folder}")
         else:
-            vector, layers = _inline(ours.get("steer_vector"), ours.get("steer_layers"))
-            digest = hashlib.sha256(json.dumps([vector, layers]).encode()).hexdigest()[:24]
-            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vector), num_layers=0,
+            vectors, layers = _inline(ours.get("steer_vector"), ours.get("steer_layers"))
+            one = vectors[0] if len(vectors) == 1 else vectors  # one vector: the digest (and salt) of 0.3
+            digest = hashlib.sha256(json.dumps([one, layers]).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vectors[0]), num_layers=0,
                              steer_layers=layers)
         alpha = ours.get("alpha", meta.alpha)
         check_alpha(alpha)  # the engine adds alpha * v in float32 (or narrower): the operator's bound comes second
@@ -204,7 +214,7 @@ class Registry:
         if not isinstance(put, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                          for t in put):
             raise InvalidInputError(f"{READ_TOKENS} is set by the plugin, got {put!r}")
-        return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength,
+        return SteerRequest(meta, float(alpha), scope, bool(gated), vectors, read_back=back, strength=strength,
                             read_tokens=tuple(put))
 
 
@@ -215,11 +225,21 @@ def check_max_alpha(value: float) -> float:
     return float(value)
 
 
-def _inline(vector: Any, layers: Any) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    if not isinstance(vector, (list, tuple)) or not vector or not all(
-            finite_in(x) for x in vector):
-        raise InvalidInputError("steer_vector must be a non-empty list of finite numbers (in float32)")
+def _inline(vector: Any, layers: Any) -> tuple[tuple[tuple[float, ...], ...], tuple[int, ...]]:
+    """``steer_vector`` (one list of numbers, or one list per steering layer) and ``steer_layers``, checked."""
+    per_layer = isinstance(vector, (list, tuple)) and bool(vector) and all(isinstance(v, (list, tuple)) for v in vector)
+    vectors = list(vector) if per_layer else [vector]
+    if not all(isinstance(v, (list, tuple)) and v and all(finite_in(x) for x in v) for v in vectors):
+        raise InvalidInputError("steer_vector must be a non-empty list of finite numbers (in float32), or one such "
+                                "list per entry of steer_layers")
     if not isinstance(layers, (list, tuple)) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
         raise InvalidInputError("steer_vector needs steer_layers: a non-empty list of layer indices")
-    return tuple(float(x) for x in vector), tuple(int(x) for x in layers)
+    if per_layer and len(vectors) != len(layers):
+        raise InvalidInputError(f"steer_vector holds {len(vectors)} vectors for {len(layers)} steer_layers; give one "
+                                "per layer, or a single vector for all of them")
+    if per_layer and len(set(layers)) != len(layers):
+        raise InvalidInputError("steer_layers repeats a layer; with one vector per layer, name each layer once")
+    if len({len(v) for v in vectors}) != 1:
+        raise InvalidInputError("the vectors of steer_vector must all have the model's hidden size")
+    return tuple(tuple(float(x) for x in v) for v in vectors), tuple(int(x) for x in layers)

@@ -36,7 +36,7 @@ from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
 from learn2steer.evaluation.tasks import Task, TaskOptions, make_task, task_class
 from learn2steer.extraction import Extraction, extract
-from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, method
+from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, artifacts_for, config_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import ScopeName, StrengthName, check_alphas
@@ -194,7 +194,7 @@ def _train_layers(ex: Extraction, ids: Sequence[str], cfg: EvalConfig, spec: Beh
         if job.is_main:
             trained, _ = train_artifacts(ex, steer_layer=layer, context_layer=ctx, cfg=cfg.train, ids=list(ids),
                                          rescale_group=spec.rescale_group if cfg.rescale else None, scope=cfg.scope,
-                                         gate=cfg.gate, progress=progress)
+                                         gate=cfg.gate, progress=progress, train=artifacts_for(cfg.methods))
             save_artifacts(trained, folder / f"L{layer}")
     job.barrier()
     for layer in layers:

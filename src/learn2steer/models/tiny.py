@@ -1,7 +1,10 @@
 """Tiny random models of real architectures, built from configs in milliseconds, fully offline.
 
 They exist so that every code path (text LLM, LLaVA, Qwen2-VL) can be tested and demonstrated without
-downloading weights. Their outputs mean nothing; their shapes, templates and image-token handling are
+downloading weights. Seven families are built explicitly (:data:`ARCHS`, each quirk spelled out); any other
+text ``model_type`` transformers knows (``phi3``, ``granite``, ``olmo2``, ...) is built from its own config
+class with the same widths (:func:`_any_text_model`), so a new decoder family is tested without an edit here.
+Their outputs mean nothing; their shapes, templates and image-token handling are
 those of the real architectures. The tokenizer is a byte-level BPE trained in-process on a small corpus;
 with ``real_template=True`` a VLM gets its release's own chat template instead of ChatML (LLaVA-1.5 then also a
 Llama-style sentencepiece tokenizer, whose merges are what make LLaVA's read positions differ from ChatML's).
@@ -22,6 +25,7 @@ import torch
 
 from learn2steer.models.loading import ModelHandle, image_only, make_handle
 
+#: the explicitly built families; any other text model_type of transformers is accepted too (a plain str)
 Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3", "llava", "qwen2_vl"]
 TEXT_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 ARCHS: tuple[str, ...] = (*TEXT_ARCHS, "llava", "qwen2_vl")
@@ -72,9 +76,9 @@ QWEN2VL_TEMPLATE = (
 )
 
 
-def chat_template(arch: Arch) -> str:
+def chat_template(arch: Arch | str) -> str:
     """A ChatML template; images render as the architecture's placeholder tokens."""
-    mark = _IMAGE_MARK[arch]
+    mark = _IMAGE_MARK.get(arch, "")
     return (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -124,7 +128,7 @@ def sentencepiece_tokenizer(vocab_size: int = 400) -> Any:
     return tok
 
 
-def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
+def tiny_tokenizer(arch: Arch | str = "llama", vocab_size: int = 400) -> Any:
     """A real byte-level BPE tokenizer (any text encodes) with ChatML and image placeholder tokens."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -135,10 +139,11 @@ def tiny_tokenizer(arch: Arch = "llama", vocab_size: int = 400) -> Any:
     return tok
 
 
-def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
+def tiny_model(arch: Arch | str = "llama", *, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
                dtype: torch.dtype = torch.float32, max_positions: int = 512, real_template: bool = False
                ) -> ModelHandle:
-    """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded.
+    """Build a randomly initialised model of ``arch`` with its tokenizer/processor, seeded: one of :data:`ARCHS`,
+    or any text ``model_type`` transformers builds a causal LM for (:func:`_any_text_model`).
 
     ``real_template`` (VLMs only): the release's chat template instead of ChatML: LLaVA-1.5's with a
     sentencepiece tokenizer (:func:`sentencepiece_tokenizer`), Qwen2-VL-7B-Instruct's with the byte-level BPE.
@@ -217,7 +222,8 @@ def tiny_model(arch: Arch = "llama", *, hidden_size: int = 32, num_layers: int =
         improc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
         proc = image_only(Qwen2VLProcessor)(improc, tok, None, chat_template=template)
         return make_handle(model, tok, proc, name="tiny-qwen2-vl")
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    model = cast(Any, _any_text_model(arch, text_kw)).to(dtype)
+    return make_handle(model, tok, name=f"tiny-{arch}")
 
 
 def _text_model(arch: str, text_kw: dict[str, Any]) -> Any:
@@ -238,10 +244,38 @@ def _text_model(arch: str, text_kw: dict[str, Any]) -> Any:
     return transformers.Gemma3ForCausalLM(cfg)
 
 
-def save_tiny(arch: Arch, folder: str | os.PathLike[str], *, hidden_size: int = 128, num_layers: int = 4,
+def _any_text_model(arch: str, text_kw: dict[str, Any]) -> Any:
+    """A causal LM of any other text ``model_type``, from its own config class with the tiny widths.
+
+    A config that keeps a ``head_dim`` of its own (a default that ignores the width, as Qwen3's and Gemma's do)
+    gets width / heads, so the heads split the width as in the explicit families; a ``query_pre_attn_scalar``
+    follows it. A family with other quirks of this kind (an attribute derived from the width that its config
+    does not derive) needs an explicit entry in :func:`_text_model`. VLM families need their own branch in
+    :func:`tiny_model` (processor, image placeholder tokens).
+    """
+    import transformers
+
+    try:
+        cfg: Any = transformers.AutoConfig.for_model(arch, **text_kw)
+    except ValueError:
+        raise ValueError(f"unknown tiny architecture {arch!r}: neither one of {', '.join(ARCHS)} nor a "
+                         "model_type transformers knows") from None
+    head_dim = text_kw["hidden_size"] // text_kw["num_attention_heads"]
+    for key in ("head_dim", "query_pre_attn_scalar"):
+        if key in cfg.to_dict():
+            setattr(cfg, key, head_dim)
+    try:
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+    except ValueError:
+        raise ValueError(f"tiny architecture {arch!r} has no causal language model in transformers "
+                         "(AutoModelForCausalLM); give a decoder model_type") from None
+
+
+def save_tiny(arch: Arch | str, folder: str | os.PathLike[str], *, hidden_size: int = 128, num_layers: int = 4,
               seed: int = 0, dtype: torch.dtype = torch.float32, max_positions: int = 2048,
               real_template: bool = False) -> Path:
-    """Write a tiny random ``arch`` as a checkpoint folder that :func:`load_model` and vLLM both load.
+    """Write a tiny random ``arch`` (one of :data:`ARCHS`, or any text ``model_type`` of transformers, see
+    :func:`tiny_model`) as a checkpoint folder that :func:`load_model` and vLLM both load.
 
     The default width gives 4 heads of 32 dimensions (vLLM's CPU attention takes head sizes 32..512).
     Two things ``save_pretrained`` alone does not give vLLM are added: LLaVA's CLIP tower is stored under

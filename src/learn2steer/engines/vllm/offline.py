@@ -1,9 +1,14 @@
 """``--engine vllm``: answer examples with vLLM's ``LLM`` and learn2steer's plugin, in one call per method.
 
 Prompts are rendered by learn2steer's own chat templating (the token ids the HF engine uses), so both
-engines see the same inputs. Steering travels in each request's ``extra_args``: an artifact folder
-(``steer_path``; in-memory artifacts and vectors are saved once to a work folder) or, for per-input
-methods (P2S, Norm-Rnd), the request's own vector inline.
+engines see the same inputs. Steering travels in each request's ``extra_args``, in the request format of
+:mod:`learn2steer.engines.requests`: the method's tensors as an artifact folder (``steer_path``) or, for
+per-input methods (P2S, Norm-Rnd), the request's own vectors inline (one per steering layer when they differ
+between layers, as the HF engine takes them). An in-memory method reaches the engine's processes (API
+front end, engine core, workers: each reads the folder's ``config.json`` once and caches it; the workers
+load the tensors once) as a work folder of tensors + ``config.json`` written once per distinct artifact, no
+model card; alpha, scope, strength and the gate switch travel in every request, so one folder serves every
+cell of a grid.
 
 A request with an image (LLaVA, Qwen2-VL families) goes to vLLM *unexpanded*: the HF engine's ids with the
 run of image tokens the processor expanded collapsed back to the one placeholder, plus the image itself as
@@ -23,7 +28,7 @@ from learn2steer.artifacts import SteeringArtifact
 from learn2steer.behaviours import Example
 from learn2steer.engines.vllm.protocol import ENV_ALLOW_PATHS, ENV_ARTIFACTS, check_plugin_installed
 from learn2steer.errors import InvalidInputError
-from learn2steer.methods import MethodConfig, fingerprint, prompt_rows
+from learn2steer.methods import MethodConfig, prompt_rows
 from learn2steer.models.loading import model_shape, resolve_model_path, template_handle
 from learn2steer.models.prompts import PromptRow, collapse_image_tokens, encode_row, image_token_id
 from learn2steer.models.prompts import _load_image as load_image  # the HF engine's image loading (RGB)
@@ -54,7 +59,6 @@ class VLLMEngine:
         self.llm, self.templates = llm, templates
         self._model_name, self.hidden_size, self.num_layers = model_name, hidden_size, num_layers
         self.workdir = Path(tempfile.mkdtemp(prefix="l2s-vllm-"))
-        self._saved: dict[str, str] = {}
         self.last_outputs: list[Any] = []
 
     @property
@@ -131,35 +135,32 @@ class VLLMEngine:
         return {"prompt_token_ids": collapse_image_tokens(ids, image_token_id(self.templates)),
                 "multi_modal_data": {"image": load_image(row.image)}}
 
-    def _save(self, art: SteeringArtifact, key: str) -> str:
-        if key not in self._saved:
-            self._saved[key] = str(art.save(self.workdir / key))
-        return self._saved[key]
-
     def extra_args(self, cfg: MethodConfig, examples: Sequence[Example]) -> list[dict[str, Any] | None]:
-        """Each request's steering, as the plugin reads it."""
+        """Each request's steering, as the plugin reads it (every setting explicit: a folder's stored alpha,
+        scope and strength never stand in for the method's)."""
         if not cfg.steers:
             return [None] * len(examples)
-        common: dict[str, Any] = {"alpha": float(cfg.alpha), "scope": Scope.parse(cfg.scope).value}
-        if Strength.parse(cfg.strength) is not Strength.ABSOLUTE:
-            common["strength"] = Strength.parse(cfg.strength).value
+        common: dict[str, Any] = {"alpha": float(cfg.alpha), "scope": Scope.parse(cfg.scope).value,
+                                  "strength": Strength.parse(cfg.strength).value}
         if cfg.artifact is not None and cfg.artifact.reads_context:
-            path = self._save(cfg.artifact, fingerprint(cfg))
+            path = str(cfg.artifact.save_once(self.workdir))
             return [{"steer_path": path, "gated": cfg.gated, **common} for _ in examples]
         vec = cfg.vector
         assert vec is not None
         if not vec.per_row:
             art = SteeringArtifact(kind="fixed", method=cfg.method, model=self.model_name, hidden_size=vec.hidden_size,
                                    num_layers=self.num_layers, steer_layers=list(vec), vector=vec)
-            return [{"steer_path": self._save(art, fingerprint(cfg)), **common} for _ in examples]
+            path = str(art.save_once(self.workdir))
+            return [{"steer_path": path, **common} for _ in examples]
         provider = cfg.provider_for([e.id for e in examples])
         assert isinstance(provider, FixedVectors)
         rows = provider.vectors
         layers = list(rows)
         first = rows[layers[0]]
-        if any(not bool((rows[x] == first).all()) for x in layers[1:]):
-            raise InvalidInputError("per-input vectors that differ between layers cannot be sent inline; use one layer")
-        return [{"steer_vector": first[i].tolist(), "steer_layers": layers, **common} for i in range(len(examples))]
+        if all(bool((rows[x] == first).all()) for x in layers[1:]):  # one vector for every layer: sent once
+            return [{"steer_vector": first[i].tolist(), "steer_layers": layers, **common} for i in range(len(examples))]
+        return [{"steer_vector": [rows[x][i].tolist() for x in layers], "steer_layers": layers, **common}
+                for i in range(len(examples))]
 
     def requests(self, cfg: MethodConfig, examples: Sequence[Example], *, max_new_tokens: int,
                  num_return_sequences: int = 1, **sampling: Any) -> list[tuple[Any, Any]]:

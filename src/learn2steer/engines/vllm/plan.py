@@ -137,10 +137,10 @@ class WorkerState:
 
     def fixed(self, rid: str, req: SteerRequest, layer: int, device: torch.device) -> torch.Tensor:
         """The fixed vector ``req`` adds at ``layer``: the request's own (inline) or its artifact's."""
-        if req.vector is not None:
+        if req.vectors is not None:
             own = self.inline.setdefault(rid, {})
             if layer not in own:
-                own[layer] = torch.tensor(req.vector, dtype=torch.float32, device=device)
+                own[layer] = torch.tensor(req.vector_at(layer), dtype=torch.float32, device=device)
             return own[layer]
 
         def load() -> torch.Tensor:

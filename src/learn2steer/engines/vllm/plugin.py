@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import torch
 
-from learn2steer.engines.requests import READ_BACK, READ_TOKENS, Registry, has_steering
+from learn2steer.engines.requests import READ_BACK, READ_TOKENS, Registry, SteerRequest, has_steering
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
     ENV_TRACE,
@@ -65,7 +65,8 @@ from learn2steer.engines.vllm.protocol import (
 from learn2steer.errors import InvalidInputError
 from learn2steer.models.prompts import InputRead, input_read
 
-__all__ = ["ENV_TRACE", "decoder_layers", "register", "registry", "steering_enabled", "stored_vectors"]
+__all__ = ["ENV_TRACE", "decoder_layers", "parse_request", "register", "registry", "steer_op", "steering_enabled",
+           "stored_vectors", "use_registry", "worker"]
 
 log = logging.getLogger("learn2steer.vllm")
 SUPPORTED_VLLM = ("0.32.",)
@@ -83,7 +84,7 @@ class _Process:
 
 
 _P = _Process()
-_W = _P.worker  # the worker's per-request state (benchmarks/vllm_plan_probe.py drives it directly)
+_W = _P.worker  # the worker's per-request state; outside this module: worker()
 
 
 def registry() -> Registry:
@@ -93,9 +94,22 @@ def registry() -> Registry:
     return _P.registry
 
 
+def use_registry(reg: Registry | None) -> None:
+    """Make ``reg`` this process's artifact registry; None: the next use re-reads the environment (the offline
+    engine sets it first). A probe that drives the plugin without vLLM gives its own."""
+    _P.registry = reg
+
+
 def reload_registry() -> None:
     """Forget the registry: the next use re-reads the environment (the offline engine sets it first)."""
-    _P.registry = None
+    use_registry(None)
+
+
+def worker() -> WorkerState:
+    """This process's worker state: the step's plan (set around each forward), the requests' vectors and the
+    artifact cache. The op reads it; a probe that times the plugin's own work builds plans into it
+    (:func:`~learn2steer.engines.vllm.plan.build_plan`) and calls :func:`steer_op` per layer."""
+    return _W
 
 
 def steering_enabled() -> bool:
@@ -125,11 +139,12 @@ def step_batch(runner: Any) -> StepBatch:
                      extra_args=extra_args)
 
 
-def _parse(extra: Any) -> Any:
+def parse_request(extra: Any) -> SteerRequest | None:
+    """A request's steering from its ``extra_args`` with this process's registry (None: it asks for none)."""
     return registry().parse(extra) if has_steering(extra) else None
 
 
-def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def steer_op(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """The op for layers that return ``(hidden_states, residual)``: their sum is the residual stream."""
     if _W.plan is None:
         return
@@ -333,7 +348,7 @@ def _patch_runner() -> None:
     orig_execute = GPUModelRunner.execute_model
 
     def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        plan = build_plan(_W, step_batch(self), _parse)
+        plan = build_plan(_W, step_batch(self), parse_request)
         if plan is not None and plan.early:  # L' > L*, or tokens put in place: read first, in a pass writing nothing
             model = self.get_model() if hasattr(self, "get_model") else self.model
             read_pass(_W, plan, lambda *a, **k: orig_forward(self, *a, **k), args, kwargs,
@@ -423,7 +438,7 @@ def register() -> None:
     from vllm.utils.torch_utils import direct_register_custom_op
 
     lib = Library("l2s_vllm", "FRAGMENT")
-    direct_register_custom_op("steer_", _steer_impl, mutates_args=["residual"], fake_impl=_steer_fake, target_lib=lib)
+    direct_register_custom_op("steer_", steer_op, mutates_args=["residual"], fake_impl=_steer_fake, target_lib=lib)
     direct_register_custom_op("steer_single_", _steer_single_impl, mutates_args=["x"], fake_impl=_steer_single_fake,
                               target_lib=lib)
     _P.library = lib  # the ops live as long as their Library object
