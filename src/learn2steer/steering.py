@@ -275,6 +275,98 @@ class _Write:
     v: torch.Tensor           # the vector, rows expanded, on the calls' device and dtype
 
 
+class _Hooks:
+    """The state of one steer(): everything checked at entry; per call, only what must be per call."""
+
+    def __init__(self, handle: ModelHandle, vectors: SteeringVector | VectorProvider, batch: Batch, alpha: float,
+                 scope: Scope | str, strength: Strength | str, trace: list[TraceRecord] | None,
+                 max_relative: float | None) -> None:
+        dtype = handle.dtype if handle.dtype.is_floating_point else torch.float32  # alpha * v is taken in this dtype
+        self.alpha = check_alpha(alpha, dtype=dtype, what="steering strength alpha")
+        self.scope, self.strength = Scope.parse(scope), Strength.parse(strength)
+        self.provider = _provider(handle, vectors)
+        self.write_layers = [handle.check_layer(layer) for layer in self.provider.write_layers]
+        self.read_layers = [handle.check_layer(layer) for layer in self.provider.read_layers]
+        if self.read_layers and reads_after_writing(min(self.read_layers), self.write_layers):
+            raise InvalidInputError(
+                f"this provider reads layer {min(self.read_layers)} but writes layer {min(self.write_layers)} earlier "
+                "in the same pass, so the write would change what it reads; read the context first (read() up to "
+                "the context layer) and steer with the resulting vectors, as the HF engine does for L' > L*")
+        self.layout = Layout.of(batch)
+        self.trace, self.max_relative = trace, max_relative
+        self.step = Step(0, 0, 0, self.layout)
+        self.made: dict[int, _Write] = {}
+
+    def pre_hook(self, _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Every model call: how many positions it has cached (read from the call), how many are new."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise RuntimeError("steering needs input_ids or inputs_embeds in the model call")
+        rows, cur = int(ref.shape[0]), int(ref.shape[1])
+        self.step = Step(cached_positions(args, kwargs, cur), cur, rows, self.layout)
+
+    def layer_hook(self, layer: int) -> Callable[..., object]:
+        """The forward hook of decoder block ``layer``: read (the provider observes), then write."""
+        reads, writes = layer in self.read_layers, layer in self.write_layers
+
+        def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
+            hidden = layer_output(output)
+            if reads:
+                self.provider.observe(layer, hidden, self.step)
+            if not writes:
+                return None
+            steered = self.write(layer, hidden, self.step)
+            if steered is None:
+                return None
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return hook
+
+    def write(self, layer: int, hidden: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """``hidden`` with this call's steered columns written (None: nothing to write in this call)."""
+        decoding = step.past_len >= self.layout.prompt_len  # only generated (hence real) columns
+        if decoding and self.scope is Scope.PROMPT:
+            if self.trace is not None:
+                self.trace.append(TraceRecord(layer, step.past_len, [[] for _ in range(hidden.shape[0])]))
+            return None
+        mask = None  # None: every column of this call (the decode fast path)
+        if not decoding:
+            key = str(hidden.device)
+            mask = step.masks.get(key)
+            if mask is None:
+                mask = step.masks[key] = step_mask(self.scope, self.layout.real_on(hidden.device), step.past_len,
+                                                   step.cur_len, step.rows)
+        v = self.provider.vector(layer, step)
+        if v is None:
+            if mask is None or bool(mask.any()):
+                raise InvalidInputError(
+                    "the predicted steering vector is not known yet: this call steers prompt positions "
+                    "before the last prompt token was read (chunked prefill or an existing cache with "
+                    f"scope {self.scope.value!r}); use scope='generated' or let the engine read first")
+            return None
+        if self.trace is not None:
+            cols = (torch.ones(hidden.shape[0], step.cur_len, dtype=torch.bool) if mask is None else mask.cpu())
+            self.trace.append(TraceRecord(layer, step.past_len,
+                                          [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in cols]))
+        w = self.prepared(layer, v, hidden)
+        delta = w.delta if w.delta is not None else addition(w.v, hidden, self.alpha, self.strength)
+        return hidden + delta if mask is None else torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
+
+    def prepared(self, layer: int, v: torch.Tensor, hidden: torch.Tensor) -> _Write:
+        """The layer's write for vector ``v`` in calls shaped like ``hidden``; a new vector is checked here, once
+        (finite in the model's dtype, bounded against the residual norm of this call: check_strength)."""
+        key = (hidden.shape[0], hidden.device, hidden.dtype)
+        w = self.made.get(layer)
+        if w is not None and w.source is v and w.key == key:
+            return w
+        ready = _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
+        delta = addition(ready, hidden, self.alpha, self.strength)
+        if w is None or w.source is not v:
+            check_strength(delta, residual_norm(hidden), self.alpha, self.max_relative, hidden.dtype)
+        self.made[layer] = w = _Write(v, key, delta if self.strength is Strength.ABSOLUTE else None, ready)
+        return w
+
+
 @contextmanager
 def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, batch: Batch, alpha: float = 1.0,
           scope: Scope | str = Scope.ALL, trace: list[TraceRecord] | None = None,
@@ -288,94 +380,18 @@ def steer(handle: ModelHandle, vectors: SteeringVector | VectorProvider, *, batc
     mode (with or without KV cache, chunked prefill, an existing cache, beam search). A zero vector leaves
     outputs bit-for-bit unchanged. ``max_relative`` bounds ``|alpha * v|`` against the residual stream's norm
     (see :func:`~learn2steer.rules.check_strength`; None: no bound). ``strength="relative"`` makes alpha a
-    fraction of each position's residual norm (:class:`Strength`).
+    fraction of each position's residual norm (:class:`Strength`). Everything is checked before a hook is
+    installed, except what depends on the vector and the residual (checked once per vector, at its first write).
 
     >>> with steer(h, SteeringVector({12: v}), alpha=0.5, batch=batch):   # doctest: +SKIP
     ...     out = h.model.generate(**batch.inputs, max_new_tokens=20)
     """
-    dtype = handle.dtype if handle.dtype.is_floating_point else torch.float32  # alpha * v is taken in this dtype
-    alpha = check_alpha(alpha, dtype=dtype, what="steering strength alpha")
-    scope, strength = Scope.parse(scope), Strength.parse(strength)
-    provider = _provider(handle, vectors)
-    write_layers = [handle.check_layer(layer) for layer in provider.write_layers]
-    read_layers = [handle.check_layer(layer) for layer in provider.read_layers]
-    if read_layers and reads_after_writing(min(read_layers), write_layers):
-        raise InvalidInputError(
-            f"this provider reads layer {min(read_layers)} but writes layer {min(write_layers)} earlier in the same "
-            "pass, so the write would change what it reads; read the context first (read() up to the context "
-            "layer) and steer with the resulting vectors, as the HF engine does for L' > L*")
-    layout = Layout.of(batch)
-    state: dict[str, Step] = {}
-
-    def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        if ref is None:
-            raise RuntimeError("steering needs input_ids or inputs_embeds in the model call")
-        rows, cur = int(ref.shape[0]), int(ref.shape[1])
-        state["step"] = Step(cached_positions(args, kwargs, cur), cur, rows, layout)
-
-    def prepared(layer: int, v: torch.Tensor, hidden: torch.Tensor, made: dict[int, _Write]) -> _Write:
-        """The layer's write for vector ``v`` in calls shaped like ``hidden``, checked once when first made."""
-        key = (hidden.shape[0], hidden.device, hidden.dtype)
-        w = made.get(layer)
-        if w is not None and w.source is v and w.key == key:
-            return w
-        ready = _expand_rows(v.to(hidden.device, hidden.dtype), hidden.shape[0])
-        delta = addition(ready, hidden, alpha, strength)
-        if w is None or w.source is not v:  # a new vector: its strength is checked against this call's residual
-            check_strength(delta, residual_norm(hidden), alpha, max_relative, hidden.dtype)
-        made[layer] = w = _Write(v, key, delta if strength is Strength.ABSOLUTE else None, ready)
-        return w
-
-    def make_hook(layer: int) -> Callable[..., object]:
-        reads, writes = layer in read_layers, layer in write_layers
-        made: dict[int, _Write] = {}
-
-        def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
-            hidden = layer_output(output)
-            step = state["step"]
-            if reads:
-                provider.observe(layer, hidden, step)
-            if not writes:
-                return None
-            decoding = step.past_len >= layout.prompt_len  # only generated (hence real) columns
-            if decoding and scope is Scope.PROMPT:
-                if trace is not None:
-                    trace.append(TraceRecord(layer, step.past_len, [[] for _ in range(hidden.shape[0])]))
-                return None
-            mask = None  # None: every column of this call (the decode fast path)
-            if not decoding:
-                key = str(hidden.device)
-                mask = step.masks.get(key)
-                if mask is None:
-                    mask = step.masks[key] = step_mask(scope, layout.real_on(hidden.device), step.past_len,
-                                                       step.cur_len, step.rows)
-            v = provider.vector(layer, step)
-            if v is None:
-                if mask is None or bool(mask.any()):
-                    raise InvalidInputError(
-                        "the predicted steering vector is not known yet: this call steers prompt positions "
-                        "before the last prompt token was read (chunked prefill or an existing cache with "
-                        f"scope {scope.value!r}); use scope='generated' or let the engine read first")
-                return None
-            if trace is not None:
-                cols = (torch.ones(hidden.shape[0], step.cur_len, dtype=torch.bool) if mask is None else mask.cpu())
-                trace.append(TraceRecord(layer, step.past_len,
-                                         [(torch.nonzero(r).flatten() + step.past_len).tolist() for r in cols]))
-            w = prepared(layer, v, hidden, made)
-            delta = w.delta if w.delta is not None else addition(w.v, hidden, alpha, strength)
-            steered = hidden + delta if mask is None else torch.where(mask.unsqueeze(-1), hidden + delta, hidden)
-            if isinstance(output, tuple):
-                return (steered, *output[1:])
-            return steered
-        return hook
-
-    hooks = [handle.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    hooks = _Hooks(handle, vectors, batch, alpha, scope, strength, trace, max_relative)
+    installed = [handle.model.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True)]
     try:
-        for layer in sorted(set(read_layers) | set(write_layers)):
-            hooks.append(handle.layers[layer].register_forward_hook(make_hook(layer)))
+        for layer in sorted(set(hooks.read_layers) | set(hooks.write_layers)):
+            installed.append(handle.layers[layer].register_forward_hook(hooks.layer_hook(layer)))
         yield
     finally:
-        for h in hooks:
+        for h in installed:
             h.remove()
