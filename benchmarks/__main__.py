@@ -9,6 +9,8 @@ interleaved so that machine noise hits them alike). Run from the repository root
     python -m benchmarks --engine vllm --quick --json OUT.json   # vLLM figures (the serving environment)
     python -m benchmarks --peers --json OUT.json          # vs vllm-lens, hotwire-vllm, nnsight (.venv-peers)
     python -m benchmarks.vllm_cpu_settings --json OUT.json   # what moves vLLM's CPU speed (.venv-serve, ~35 min)
+    python -m benchmarks.hf_step_probe --json OUT.json       # the HF hooks' own time per decoding step (batch 1, 16)
+    python -m benchmarks.training_probe --profile            # L2S training: time, operator profile (--compare OLD)
 
 The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
 ``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).

@@ -58,7 +58,7 @@ def profile(epochs: int = 20) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.training_probe", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--compare", type=Path, metavar="PREDICTOR_PY", help="another version's predictor.py")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="full fits per version (0: only --profile)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -79,14 +79,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t)
             nets[name] = res.net.state_dict()
     out: dict[str, Any] = {"n": 1600, "width": 4096, "seconds": times,
-                           "median_s": {k: statistics.median(v) for k, v in times.items()}}
-    if "other" in nets:
+                           "median_s": {k: statistics.median(v) for k, v in times.items() if v}}
+    if "other" in nets and "this" in nets:
         out["same_weights"] = all(torch.equal(nets["this"][k], nets["other"][k]) for k in nets["this"])
         out["ratio_other_over_this"] = statistics.median(o / t for o, t in zip(times["other"], times["this"]))
     if args.profile:
         out["profile"] = profile()
     out["machine"] = finish(facts)
     for k, v in times.items():
+        if not v:
+            continue
         print(f"{k}: {[round(t, 2) for t in v]} s, median {statistics.median(v):.2f} s", flush=True)
     if "same_weights" in out:
         print(f"same weights: {out['same_weights']}; other / this (paired median): {out['ratio_other_over_this']:.3f}")

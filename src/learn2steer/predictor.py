@@ -63,15 +63,7 @@ class L2SNet(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """g(h) for ``h`` of shape [rows, d_in] (standardised with the stored statistics)."""
-        return self.from_standardized(self.standardized(h))
-
-    def standardized(self, h: torch.Tensor) -> torch.Tensor:
-        """``h`` standardised with the stored statistics: elementwise, so standardising every training row once
-        gives the same numbers as standardising each batch (fit does that: no gradient flows through it)."""
-        return (h.to(self.in_mean.dtype) - self.in_mean) / self.in_std
-
-    def from_standardized(self, x: torch.Tensor) -> torch.Tensor:
-        """g of already standardised features."""
+        x = (h.to(self.in_mean.dtype) - self.in_mean) / self.in_std
         return self.decoder(torch.tanh(self.encoder(x)))
 
     def check_finite(self) -> None:
@@ -352,24 +344,20 @@ def _fit(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, n_val: int, progres
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     best: tuple[float, int, dict[str, torch.Tensor]] = (float("inf"), -1, {})
     history: list[dict[str, float]] = []
-    xs = net.standardized(xt)  # once, not per batch (the statistics are fixed before training)
     for epoch in trange(cfg.epochs, desc="L2S training", disable=not progress, leave=False):
         net.train()
         order = torch.randperm(len(xt), generator=g)
-        # one gather per epoch, batches are then contiguous slices: the same rows as gathering each batch
-        xe, ye = xs[order], yt[order]
-        yes_e = yes_t[order] if yes_t is not None else None
         running = torch.zeros(())
         weight = cosine_weight(cfg, epoch)
         for i in range(0, len(xt), cfg.batch_size):
-            j = min(i + cfg.batch_size, len(xt))
-            losses = row_losses(net.from_standardized(xe[i:j]), ye[i:j], cfg, weight)
-            loss = balanced_loss(losses, yes_e[i:j]) if yes_e is not None else losses.mean()
+            b = order[i:i + cfg.batch_size]
+            losses = row_losses(net(xt[b]), yt[b], cfg, weight)
+            loss = balanced_loss(losses, yes_t[b]) if yes_t is not None else losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running += loss.detach() * (j - i)
+            running += loss.detach() * len(b)
         net.eval()
         with torch.no_grad():
             val = loss_terms(net(xv), yv, cfg, cfg.val_cosine).item()
