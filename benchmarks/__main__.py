@@ -9,6 +9,8 @@ interleaved so that machine noise hits them alike). Run from the repository root
     python -m benchmarks --engine vllm --quick --json OUT.json   # vLLM figures (the serving environment)
     python -m benchmarks --peers --json OUT.json          # vs vllm-lens, hotwire-vllm, nnsight (.venv-peers)
     python -m benchmarks.vllm_cpu_settings --json OUT.json   # what moves vLLM's CPU speed (.venv-serve, ~35 min)
+    python -m benchmarks.hf_step_probe --json OUT.json       # the HF hooks' own time per decoding step (batch 1, 16)
+    python -m benchmarks.training_probe --profile            # L2S training: time, operator profile (--compare OLD)
 
 The peers (steering-vectors, repeng) are installed on first use with ``pip --no-deps --target`` into
 ``$L2S_CACHE/peers`` (their pins, e.g. transformers<5, would otherwise downgrade this environment).
@@ -43,6 +45,7 @@ from learn2steer.steering import PredictedVectors
 from learn2steer.vectors import SteeringVector
 
 PEERS = ["steering-vectors==0.12.2", "repeng==0.4.0"]
+REPS_BATCH_1 = 9  # repetitions of the batch-1 generation triple (plain, L2S, Mean-S), quick and full runs alike
 
 
 # ---- 1. generation overhead -----------------------------------------------------------------------------
@@ -277,9 +280,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         h = tiny_model("llama", hidden_size=64, num_layers=4)
         layer, reps, new_tokens, n_ex, train_shape, sizes, n_peers = 2, 1, 8, 8, (128, 64), (20, 60), 16
+        reps_b1 = 1
     else:
         h = load_default_model()
         layer, reps, new_tokens = 12, (2 if args.quick else 5), 128
+        # batch 1: a step is a few ms, so one pair moves by several percent with the machine; the median of 9
+        # paired ratios is what two quiet quick runs agree on (RESULTS.md, #30)
+        reps_b1 = REPS_BATCH_1
         n_ex, train_shape = (16 if args.quick else 64), (1600, 4096)
         sizes, n_peers = ((100, 1000) if args.quick else (100, 1000, 3000)), (32 if args.quick else 64)
     started = time.perf_counter()
@@ -291,8 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{time.perf_counter() - t:.0f} s", flush=True)
         return res
 
-    g1 = stage("generation, batch 1", lambda: bench_generation(h, 1, new_tokens, reps, layer))
+    g1 = stage("generation, batch 1", lambda: bench_generation(h, 1, new_tokens, reps_b1, layer))
     g16 = stage("generation, batch 16", lambda: bench_generation(h, 16, new_tokens, reps, layer))
+    from benchmarks.hf_step_probe import probe
+
+    hooks = stage("steering hooks per decoding step", lambda: {  # the model's step: the plain runs above
+        f"batch_{g['batch_size']}": probe(h, g["batch_size"], layer=layer, steps=new_tokens, reps=reps_b1,
+                                          step_ms=statistics.median(g["seconds"]["plain"]) / new_tokens * 1e3)
+        for g in (g1, g16)})
     ex = stage("extraction", lambda: bench_extraction(h, n_ex, reps, layer))
     from benchmarks.extraction import bench_extraction_limit, coco_images
 
@@ -319,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "l2s_train_s": tr["seconds"], "peak_rss_growth_mb": growth[big],
         "peak_rss_growth_mb_small": growth[min(growth)],
         "rss_drift_mb": mem["rss_drift_first_to_last_shard_mb"], "peers": peers,
+        "hooks_per_step": hooks,
         "details": {"generation_b1": g1, "generation_b16": g16, "extraction": ex, "extraction_limit": limit,
                     "training": tr, "memory": mem},
         "machine": machine_facts(cpus=psutil.cpu_count(), threads=torch.get_num_threads(),
@@ -330,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("generation L2S / plain, batch 16", g16["ratio_l2s"], ">= 0.97"),
             ("generation Mean-S / plain, batch 1", g1["ratio_mean"], ""),
             ("generation Mean-S / plain, batch 16", g16["ratio_mean"], ""),
+            *[(f"steering hooks' own time per step, {k} {b.replace('_', ' ')} (us)", r[f"{k}_extra_per_step_us"],
+               "")
+              for b, r in hooks.items() for k in ("l2s", "mean")],
             ("extraction vs plain forward (x)", ex["vs_forward"], ">= 0.9"),
             ("extraction vs reference recipe (x)", ex["vs_reference"], ">= 1.5 (CPU)"),
             *[(f"extraction / one forward over X, {case}", c["extraction_vs_input_forward"],

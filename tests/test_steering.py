@@ -209,26 +209,29 @@ def test_predicted_vectors_read_the_last_prompt_token_in_whichever_call_holds_it
             _ids(h, batch, prefill_chunk_size=4)
 
 
-def test_without_a_batch_ambiguous_modes_are_refused(tiny_llama) -> None:
+def test_steer_takes_the_batch_explicitly(tiny_llama) -> None:
+    """No guessing mode: where the prompt ends always comes from the batch; the modes a guess got wrong
+    (without cache, in chunks) steer like a cached generate (each column: test_every_generation_mode_...)."""
     h = tiny_llama
+    with pytest.raises(TypeError, match="batch"):
+        with steer(h, _v(h), scope="generated"):  # type: ignore[call-arg]
+            pass
     batch = build_inputs(h, [PromptRow("how do i make a bomb ?")])
-    with steer(h, _v(h), scope="generated"):
-        _ids(h, batch)  # an ordinary cached generate: the first call is the prompt
-    for kw in ({"use_cache": False}, {"prefill_chunk_size": 3}):
-        with pytest.raises(InvalidInputError, match="pass the batch"):
-            with steer(h, _v(h), scope="generated"):
-                _ids(h, batch, **kw)
-    with steer(h, _v(h), scope="all"):  # scope all does not depend on the boundary
-        _ids(h, batch, use_cache=False)
+    outs = []
+    for kw in ({}, {"use_cache": False}, {"prefill_chunk_size": 3}):
+        with steer(h, _v(h, scale=20.0), scope="generated", batch=batch):
+            outs.append(_ids(h, batch, **kw))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert not torch.equal(outs[0], _ids(h, batch)), "the vector steered"
 
 
 def test_hooks_removed_even_when_generation_raises(tiny_llama) -> None:
     h = tiny_llama
     before = sum(len(b._forward_hooks) for b in h.layers) + len(h.model._forward_pre_hooks)
-    with pytest.raises(RuntimeError, match="boom"):
-        with steer(h, _v(h)):
-            raise RuntimeError("boom")
     batch = build_inputs(h, [PromptRow("x")])
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(h, _v(h), batch=batch):
+            raise RuntimeError("boom")
 
     def explode(*_: object) -> None:
         raise RuntimeError("mid-generation failure")
@@ -262,23 +265,25 @@ def test_beam_search_with_per_row_vectors_matches_rows_alone(tiny_llama, kw) -> 
 
 def test_bad_vectors_and_strengths_are_refused_where_they_enter(tiny_llama) -> None:
     h = tiny_llama
+    batch = build_inputs(h, [PromptRow("a")])
     with pytest.raises(InvalidInputError, match="hidden size"):
-        with steer(h, SteeringVector({1: torch.ones(7)})):
+        with steer(h, SteeringVector({1: torch.ones(7)}), batch=batch):
             pass
+    two = build_inputs(h, [PromptRow("a"), PromptRow("b")])
     with pytest.raises(InvalidInputError, match="rows"):
-        with steer(h, SteeringVector({1: torch.ones(3, h.hidden_size)})):
-            h.model(**build_inputs(h, [PromptRow("a"), PromptRow("b")]).inputs)
+        with steer(h, SteeringVector({1: torch.ones(3, h.hidden_size)}), batch=two):
+            h.model(**two.inputs)
     with pytest.raises(InvalidInputError, match="NaN or inf"):
         SteeringVector({1: torch.full((h.hidden_size,), float("nan"))})
     for alpha in (float("nan"), float("inf")):
         with pytest.raises(InvalidInputError, match="finite"):
-            with steer(h, _v(h), alpha=alpha):
+            with steer(h, _v(h), alpha=alpha, batch=batch):
                 pass
     with pytest.raises(InvalidInputError, match="out of range"):
-        with steer(h, SteeringVector({9: torch.ones(h.hidden_size)})):
+        with steer(h, SteeringVector({9: torch.ones(h.hidden_size)}), batch=batch):
             pass
     with pytest.raises(InvalidInputError, match="not a plain dict"):
-        with steer(h, {1: torch.ones(h.hidden_size)}):  # type: ignore[arg-type]
+        with steer(h, {1: torch.ones(h.hidden_size)}, batch=batch):  # type: ignore[arg-type]
             pass
 
 

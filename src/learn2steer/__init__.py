@@ -22,7 +22,8 @@ from learn2steer.extraction import Extraction, extract, load_extraction
 from learn2steer.methods import METHODS, Method, MethodConfig, config_for
 from learn2steer.models import Batch, ModelHandle, PromptRow, build_inputs, load_default_model, load_model, make_handle
 from learn2steer.predictor import L2SNet, TrainConfig, TrainResult, fit
-from learn2steer.steering import FixedVectors, PredictedVectors, Scope, VectorProvider, steer
+from learn2steer.rules import Scope
+from learn2steer.steering import FixedVectors, PredictedVectors, VectorProvider, steer
 from learn2steer.training import train_artifacts
 from learn2steer.vectors import SteeringVector, mean_vector, norm_random
 

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from learn2steer import rules
 from learn2steer._io import file_sha256, fingerprint, read_json, write_json, write_text_atomic
 from learn2steer._version import __version__
 from learn2steer.activations import CONTEXT_POSITIONS, ContextPosition
@@ -37,7 +38,8 @@ from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, Mis
 from learn2steer.models.loading import ModelHandle
 from learn2steer.options import check_choice
 from learn2steer.predictor import Gated, check_finite_weights
-from learn2steer.steering import PredictedVectors, Scope, Strength, check_alpha, finite_in
+from learn2steer.rules import Scope, Strength, check_alpha, finite_in
+from learn2steer.steering import PredictedVectors
 from learn2steer.vectors import SteeringVector
 
 CONFIG = "config.json"
@@ -213,7 +215,7 @@ class SteeringArtifact:
     def reads_context(self) -> bool:
         """The capability engines ask for: the vector is predicted from a hidden state read at
         ``context_layer`` (so it depends on the prompt), rather than fixed."""
-        return self.kind != "fixed"
+        return rules.reads_context(self.kind)
 
     def predict_fn(self, *, gated: bool = True) -> torch.nn.Module:
         """The callable h -> v of a predictor artifact (gated when its kind and the artifact have a gate)."""

@@ -20,7 +20,7 @@ import torch
 from learn2steer.artifacts import SteeringArtifact
 from learn2steer.errors import IncompatibleArtifactError, InvalidInputError, MissingFileError
 from learn2steer.predictor import L2SNet
-from learn2steer.steering import check_alpha
+from learn2steer.rules import check_alpha
 from learn2steer.vectors import SteeringVector
 
 # HF model_type of models learn2steer names without a config at hand

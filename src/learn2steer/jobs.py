@@ -23,7 +23,7 @@ from learn2steer.methods import METHODS, MethodConfig, artifacts_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions, model_shape
 from learn2steer.options import as_dict, check_choices
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import Scope, ScopeName, StrengthName, check_alpha
+from learn2steer.rules import Scope, ScopeName, StrengthName, check_alpha
 from learn2steer.training import save_artifacts, train_artifacts
 
 

@@ -22,7 +22,8 @@ from learn2steer.behaviours import PromptPlacement
 from learn2steer.errors import InvalidInputError
 from learn2steer.extraction import Extraction
 from learn2steer.options import check_choice
-from learn2steer.steering import FixedVectors, Scope, Strength, VectorProvider, check_alpha
+from learn2steer.rules import Scope, Strength, check_alpha
+from learn2steer.steering import FixedVectors, VectorProvider
 from learn2steer.training import p2s_vectors, target_scales
 from learn2steer.vectors import SteeringVector, norm_random
 

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from learn2steer.activations import Position, Site, read
 from learn2steer.behaviours import Example
-from learn2steer.errors import InvalidInputError
 from learn2steer.methods import MethodConfig, prompt_rows
 from learn2steer.models.calls import passes_cache
 from learn2steer.models.loading import ModelHandle
 from learn2steer.models.prompts import Batch, bare_prompts, build_inputs
+from learn2steer.rules import predict_checked, reads_after_writing
 from learn2steer.steering import FixedVectors, PredictedVectors, VectorProvider, steer
 from learn2steer.vectors import SteeringVector
 
@@ -75,7 +75,7 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
     if isinstance(provider, PredictedVectors):
         ctx = handle.check_layer(provider.context_layer)
         writes = [handle.check_layer(x) for x in provider.steer_layers]
-        if provider.position == "input_last" or ctx > min(writes) or _prompt_in_pieces(gen_kwargs or {}):
+        if provider.position == "input_last" or reads_after_writing(ctx, writes) or _prompt_in_pieces(gen_kwargs or {}):
             # read h at L' first (a pass that stops there), then steer with the predicted per-row vectors.
             # input_last is read the official way: the bare prompt (no generation prompt) in a pass of its own,
             # which needs no token-prefix match between bare and full prompt (sentencepiece breaks that)
@@ -85,11 +85,7 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
             else:
                 site = Site(ctx, cast(Position, provider.position))
                 h = read(handle, batch, [site])[site]
-            with torch.no_grad():
-                dev = provider._device()
-                v = provider.predict(h.to(dev) if dev is not None else h).float().cpu()
-            if not bool(torch.isfinite(v).all()):
-                raise InvalidInputError("the predictor produced NaN or inf steering vectors; check its weights")
+            v = predict_checked(provider.predict, h).float().cpu()
             provider = FixedVectors(SteeringVector({layer: v for layer in writes}))
     return steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch, strength=cfg.strength)
 

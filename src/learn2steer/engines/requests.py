@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from learn2steer import rules
 from learn2steer._io import read_json
 from learn2steer.artifacts import validate_config
 from learn2steer.errors import InvalidInputError
 from learn2steer.options import check_choice
-from learn2steer.steering import Scope, ScopeName, Strength, check_alpha, finite_in
+from learn2steer.rules import Scope, ScopeName, Strength, check_alpha, finite_in
 
 DEFAULT_MAX_ALPHA = 100.0
 KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers")
@@ -69,7 +70,7 @@ class SteerMeta:
     def reads_context(self) -> bool:
         """The capability the engine asks: the vector is predicted from the request's own hidden state at
         ``context_layer`` (any predictor kind: L2S, CAST, ...), not a fixed tensor."""
-        return self.kind != "fixed"
+        return rules.reads_context(self.kind)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class SteerRequest:
     def reads_after_writing(self) -> bool:
         """L2S with L' > L*: v must be read in a pass of its own before the steered pass."""
         m = self.meta
-        return m.reads_context and m.context_layer is not None and m.context_layer > min(m.steer_layers)
+        return m.reads_context and rules.reads_after_writing(m.context_layer, m.steer_layers)
 
     @property
     def reads_in_own_pass(self) -> bool:

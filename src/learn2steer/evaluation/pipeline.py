@@ -39,7 +39,7 @@ from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, artifacts_for, config_for, method
 from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
-from learn2steer.steering import ScopeName, StrengthName, check_alphas
+from learn2steer.rules import ScopeName, StrengthName, check_alphas
 from learn2steer.training import save_artifacts, target_scales, train_artifacts
 
 

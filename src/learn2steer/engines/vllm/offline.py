@@ -32,7 +32,8 @@ from learn2steer.methods import MethodConfig, prompt_rows
 from learn2steer.models.loading import model_shape, resolve_model_path, template_handle
 from learn2steer.models.prompts import PromptRow, collapse_image_tokens, encode_row, image_token_id
 from learn2steer.models.prompts import _load_image as load_image  # the HF engine's image loading (RGB)
-from learn2steer.steering import FixedVectors, Scope, Strength
+from learn2steer.rules import Scope, Strength
+from learn2steer.steering import FixedVectors
 
 
 def engine_env(*, allow_paths: bool, artifacts: dict[str, str] | None = None, eager: bool = True) -> dict[str, str]:

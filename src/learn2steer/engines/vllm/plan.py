@@ -26,7 +26,7 @@ import torch
 
 from learn2steer.engines.requests import SteerRequest
 from learn2steer.errors import InvalidInputError
-from learn2steer.steering import Strength, addition, scope_selects
+from learn2steer.rules import Strength, addition, scope_selects
 
 log = logging.getLogger("learn2steer.vllm")
 ENV_TRACE = "L2S_VLLM_TRACE"  # a file: every write is logged as a JSON line (tests)
