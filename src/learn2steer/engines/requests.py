@@ -11,7 +11,13 @@ artifact's. ``|alpha|`` is bounded by an operator setting (:class:`Registry`'s `
 a huge strength is never a useful answer, and one that overflows the model's dtype would put inf into the
 residual stream, whose cached blocks other requests then share. An engine that runs trusted callers
 (the offline engine) may also accept ``steer_path`` (an artifact folder) and ``steer_vector`` +
-``steer_layers`` (one fixed vector for this request, e.g. P2S); a server refuses those.
+``steer_layers`` (one fixed vector for this request, e.g. P2S); a server refuses those, except inline vectors
+where its operator allows them (``l2s serve --inline-vectors``: ``steer_vector`` and vllm-lens's
+``apply_steering_vectors``, :mod:`learn2steer.engines.lens`, bounded in count and size).
+
+A server's names are its start-up artifacts and, with ``--registry DIR``, those registered at runtime
+(:mod:`learn2steer.engines.store`): the front end pins such a request to the version current when it was
+accepted (``l2s_version``, never trusted from the client), and every process loads that version.
 
 Nothing here knows an engine: the vLLM plugin (``engines/vllm/``) reads its settings from its environment
 (:mod:`learn2steer.engines.vllm.protocol`) and checks requests against what the running engine allows.
@@ -27,12 +33,17 @@ from typing import Any, Mapping, Sequence
 
 from learn2steer._io import read_json
 from learn2steer.artifacts import validate_config
+from learn2steer.engines import lens
+from learn2steer.engines.store import ArtifactStore
 from learn2steer.errors import InvalidInputError
 from learn2steer.options import check_choice
 from learn2steer.steering import Scope, ScopeName, Strength, check_alpha, finite_in
 
 DEFAULT_MAX_ALPHA = 100.0
-KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers")
+KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers", lens.KEY,
+        *lens.UNSUPPORTED)
+#: set by the front end (never by the client: it is overwritten): the registered version a request was pinned to
+PIN = "l2s_version"
 #: set by the engine's front end (never by the client: it is overwritten): how many tokens before the last
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
 READ_BACK = "l2s_read_back"
@@ -42,6 +53,16 @@ PROMPT_SCOPES = (Scope.ALL.value, Scope.PROMPT.value)
 def has_steering(extra: Any) -> bool:
     """Whether a request's extra arguments ask for steering at all."""
     return isinstance(extra, dict) and any(k in extra for k in KEYS)
+
+
+def artifact_label(source: str) -> str:
+    """A source as a metrics label: the artifact's name, or ``path`` / ``inline`` (never a client's free text)."""
+    kind, _, ref = source.partition(":")
+    if kind == "name":
+        return ref
+    if kind == "reg":
+        return ref.partition("@")[0]
+    return kind
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,8 @@ class SteerRequest:
     vector: tuple[float, ...] | None = field(default=None, repr=False)
     read_back: int = 0
     strength: str = "absolute"
+    #: inline vectors that differ per layer (vllm-lens's ``apply_steering_vectors``): (layer, vector) pairs
+    layer_vectors: tuple[tuple[int, tuple[float, ...]], ...] | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -130,9 +153,12 @@ class Registry:
     ``allow_paths`` (a trusted caller such as the offline engine), artifact folders and inline vectors."""
 
     def __init__(self, names: Mapping[str, str] | None = None, allow_paths: bool = False,
-                 max_alpha: float = DEFAULT_MAX_ALPHA, bound_setting: str = "max_alpha") -> None:
+                 max_alpha: float = DEFAULT_MAX_ALPHA, bound_setting: str = "max_alpha",
+                 store: ArtifactStore | None = None, inline: lens.InlineLimits | None = None) -> None:
         self.names = dict(names or {})
         self.allow_paths = allow_paths
+        self.store = store      # artifacts registered at runtime (``l2s serve --registry``)
+        self.inline = inline    # inline vectors allowed, within these limits (None: refused unless allow_paths)
         self.max_alpha = check_max_alpha(max_alpha)
         self.bound_setting = bound_setting  # where the operator sets max_alpha (named in the refusal)
         self._meta: dict[str, SteerMeta] = {}
@@ -141,7 +167,15 @@ class Registry:
         """The artifact behind a source (``name:``/``path:``), read from its config only."""
         if source not in self._meta:
             kind, _, ref = source.partition(":")
-            folder = self.names[ref] if kind == "name" else ref
+            if kind == "reg":
+                assert self.store is not None
+                name, _, version = ref.partition("@")
+                folder = str(self.store.folder(name, version))
+                if not Path(folder).is_dir():
+                    raise InvalidInputError(f"steering artifact {name!r} version {version} is no longer on this "
+                                            "server; send the request again")
+            else:
+                folder = self.names[ref] if kind == "name" else ref
             cfg = read_json(Path(folder) / "config.json", what="artifact config")
             self._meta[source] = _meta_from_config(cfg, source, folder)
         return self._meta[source]
@@ -152,17 +186,38 @@ class Registry:
         ours = {k: v for k, v in args.items() if k in KEYS}
         if not ours:
             return None
-        sources = [k for k in ("steer", "steer_path", "steer_vector") if k in ours]
+        for key, why in lens.UNSUPPORTED.items():
+            if key in ours:
+                raise InvalidInputError(f"vllm_xargs {key} is not supported: {why}")
+        sources = [k for k in ("steer", "steer_path", "steer_vector", lens.KEY) if k in ours]
         if len(sources) != 1:
-            raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path' or "
-                                    "'steer_vector'")
+            raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path', "
+                                    f"'steer_vector' or '{lens.KEY}'")
         vector: tuple[float, ...] | None = None
+        layer_vectors = None
         if "steer" in ours:
-            name = ours["steer"]
-            if not isinstance(name, str) or name not in self.names:
-                known = ", ".join(sorted(self.names)) or "none"
-                raise InvalidInputError(f"unknown steering artifact {name!r}; this server has: {known}")
-            meta = self.meta(f"name:{name}")
+            meta = self.meta(self._named(ours["steer"], args.get(PIN)))
+        elif lens.KEY in ours:
+            if self.inline is None and not self.allow_paths:
+                raise InvalidInputError(f"vllm_xargs {lens.KEY}: this server does not accept inline vectors; its "
+                                        "operator turns them on with `l2s serve --inline-vectors`")
+            for key in ("alpha", "strength", "steer_layers"):
+                if key in ours:
+                    raise InvalidInputError(f"vllm_xargs {key} does not go with {lens.KEY}: each vector carries its "
+                                            "own layer_indices, scale and norm_match")
+            got = lens.decode(ours[lens.KEY], self.inline or lens.InlineLimits(), self.max_alpha)
+            layer_vectors = got.vectors
+            digest = hashlib.sha256(json.dumps(got.vectors).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=got.hidden_size, num_layers=0,
+                             steer_layers=tuple(k for k, _ in got.vectors), alpha=got.alpha, strength=got.strength)
+        elif "steer_vector" in ours and self.inline is not None:
+            vector, layers = _inline(ours.get("steer_vector"), ours.get("steer_layers"))
+            if len(layers) > self.inline.max_vectors or len(vector) > self.inline.max_hidden:
+                raise InvalidInputError(f"steer_vector: this server accepts at most {self.inline.max_vectors} layers "
+                                        f"and {self.inline.max_hidden} values")
+            digest = hashlib.sha256(json.dumps([vector, layers]).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vector), num_layers=0,
+                             steer_layers=layers)
         elif not self.allow_paths:
             raise InvalidInputError("this server only steers with its named artifacts (vllm_xargs 'steer')")
         elif "steer_path" in ours:
@@ -191,7 +246,34 @@ class Registry:
         back = args.get(READ_BACK, 0)
         if isinstance(back, bool) or not isinstance(back, int) or back < 0:
             raise InvalidInputError(f"{READ_BACK} is set by the plugin, got {back!r}")
-        return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength)
+        return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength,
+                            layer_vectors=layer_vectors)
+
+    def _named(self, name: Any, pin: Any) -> str:
+        """The source of ``steer: name``: a start-up artifact, or a registered one at its pinned (else current)
+        version. A name that is not registered, or not yet, is one sentence naming it."""
+        if isinstance(name, str) and name in self.names:
+            return f"name:{name}"
+        if isinstance(name, str) and self.store is not None:
+            version = pin if isinstance(pin, str) and pin else self.store.current(name)
+            if version is not None:
+                return f"reg:{name}@{version}"
+        known = sorted(self.names) + (sorted(self.store.names()) if self.store is not None else [])
+        ready = " (not registered, or not ready yet)" if self.store is not None else ""
+        raise InvalidInputError(f"unknown steering artifact {name!r}{ready}; this server has: "
+                                f"{', '.join(known) or 'none'}")
+
+    def pin(self, extra: dict[str, Any]) -> None:
+        """Front end: write the registered version this request gets into its extra args (a client's own
+        ``l2s_version`` is dropped first), so that every process applies the same version, whatever replaces it
+        while the request runs. Start-up artifacts need no pin."""
+        extra.pop(PIN, None)
+        name = extra.get("steer")
+        if self.store is None or not isinstance(name, str) or name in self.names:
+            return
+        version = self.store.current(name)
+        if version is not None:
+            extra[PIN] = version
 
 
 def check_max_alpha(value: float) -> float:

@@ -102,6 +102,8 @@ class WorkerState:
     failed: dict[str, str] = field(default_factory=dict)                    # request id -> why (until removed)
     unreported: set[str] = field(default_factory=set)                       # failed, not yet told the scheduler
     layers: list[str] = field(default_factory=list)                         # the wrapped layers' module paths
+    #: told of every vector a predictor produced (request, its norm): the metrics of ``l2s serve``; None: off
+    observer: Callable[[SteerRequest, float], None] | None = None
 
     def fail(self, rid: str, why: str) -> None:
         if rid not in self.failed:
@@ -135,10 +137,11 @@ class WorkerState:
 
     def fixed(self, rid: str, req: SteerRequest, layer: int, device: torch.device) -> torch.Tensor:
         """The fixed vector ``req`` adds at ``layer``: the request's own (inline) or its artifact's."""
-        if req.vector is not None:
+        if req.vector is not None or req.layer_vectors is not None:
             own = self.inline.setdefault(rid, {})
             if layer not in own:
-                own[layer] = torch.tensor(req.vector, dtype=torch.float32, device=device)
+                values = req.vector if req.layer_vectors is None else dict(req.layer_vectors)[layer]
+                own[layer] = torch.tensor(values, dtype=torch.float32, device=device)
             return own[layer]
 
         def load() -> torch.Tensor:
@@ -246,9 +249,12 @@ def apply(state: WorkerState, stream: Any, residual: torch.Tensor, layer: int) -
         for idx in groups.values():
             pred = state.predictor(caps[idx[0]][2], residual.device)(h[idx]).detach()
             finite = torch.isfinite(pred).all(dim=-1).tolist()
+            norms = pred.float().norm(dim=-1).tolist() if state.observer is not None else None
             for k, j in enumerate(idx):
                 if finite[k]:
                     state.vectors[caps[j][1]] = pred[k]
+                    if norms is not None and state.observer is not None:
+                        state.observer(caps[j][2], norms[k])
                     if _TRACING:
                         trace({"read": caps[j][1], "layer": layer, "position": caps[j][3]})
                 else:

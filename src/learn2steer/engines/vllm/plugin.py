@@ -44,7 +44,8 @@ from typing import Any, cast
 
 import torch
 
-from learn2steer.engines.requests import READ_BACK, Registry, has_steering
+from learn2steer.engines.requests import PIN, READ_BACK, Registry, has_steering
+from learn2steer.engines.vllm import metrics
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
     ENV_TRACE,
@@ -58,6 +59,9 @@ from learn2steer.engines.vllm.plan import (
 from learn2steer.engines.vllm.protocol import (
     ENV_ALLOW_PATHS,
     ENV_ARTIFACTS,
+    ENV_INLINE,
+    ENV_METRICS,
+    ENV_REGISTRY,
     EngineLimits,
     check_request,
     registry_from_env,
@@ -101,7 +105,8 @@ def reload_registry() -> None:
 def steering_enabled() -> bool:
     """Whether this process may receive steering requests (named artifacts, or the offline engine's paths)."""
     raw = os.environ.get(ENV_ARTIFACTS, "")
-    return os.environ.get(ENV_ALLOW_PATHS) == "1" or raw not in ("", "{}")
+    return (os.environ.get(ENV_ALLOW_PATHS) == "1" or raw not in ("", "{}") or bool(os.environ.get(ENV_REGISTRY))
+            or bool(os.environ.get(ENV_INLINE)))
 
 
 # ---- the per-step plan (worker): learn2steer.engines.vllm.plan does the work ---------------------------------
@@ -165,7 +170,24 @@ def attach(runner: Any) -> int:
                                 "HF engine")
     if not layers:
         log.warning("learn2steer: no decoder layers found in %s; steering requests will fail", type(model).__name__)
+    _observe_for_metrics()
     return len(layers)
+
+
+def _observe_for_metrics() -> None:
+    """``l2s serve``: this worker reports its predicted vectors to /metrics (tensor-parallel rank 0 only: every
+    rank computes the same vectors)."""
+    folder = os.environ.get(ENV_METRICS)
+    if not folder or _W.observer is not None:
+        return
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, RuntimeError):
+        rank = 0
+    if rank == 0:
+        _W.observer = metrics.WorkerStats(folder).observe
 
 
 # ---- registration ------------------------------------------------------------------------------------------
@@ -201,10 +223,12 @@ def _patch_front_end(version: str) -> None:
             try:
                 if not _P.supported:
                     raise InvalidInputError(f"learn2steer's vLLM plugin supports vLLM 0.32.x; this is {version}")
+                cast(dict, extra).pop(PIN, None)  # set by the front end only (process_inputs), never by a client
                 req = registry().parse(extra)
                 assert req is not None
                 check_request(req, _limits(self.vllm_config))
             except InvalidInputError as e:
+                metrics.count_refusal(str(e))
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         return out
 
@@ -217,13 +241,33 @@ def _patch_front_end(version: str) -> None:
         extra = getattr(sp, "extra_args", None) if sp is not None else None
         if has_steering(extra) and _P.supported:
             try:
+                _pin(self, cast(dict, extra))
                 _prepare_read(self, ecr, sp, cast(dict, extra))
             except InvalidInputError as e:
+                metrics.count_refusal(str(e))
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+            if metrics.enabled():
+                req = registry().parse(extra)
+                if req is not None:
+                    metrics.count_request(req)
         return ecr
 
     InputProcessor.process_inputs = process_inputs
     _patch_beam_search(VLLMValidationError)
+
+
+def _pin(processor: Any, extra: dict[str, Any]) -> None:
+    """A request naming a registered artifact gets the version current now, in its own extra args: the engine
+    core and every worker apply that version, whatever replaces it meanwhile. Checked again once pinned (it may
+    have been replaced since the request was validated)."""
+    reg = registry()
+    if reg.store is None:
+        return
+    reg.pin(extra)
+    if PIN in extra:
+        req = reg.parse(extra)
+        assert req is not None
+        check_request(req, _limits(processor.vllm_config))
 
 
 def _prepare_read(processor: Any, ecr: Any, sp: Any, extra: dict[str, Any]) -> None:
@@ -272,6 +316,7 @@ def _patch_beam_search(error: Any) -> None:
 
         def to_beam_search_params(self: Any, *args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
             if has_steering(getattr(self, "vllm_xargs", None)):
+                metrics.count_refusal(BEAM_SEARCH)
                 raise error(BEAM_SEARCH, parameter="use_beam_search")
             return _orig(self, *args, **kwargs)
 
