@@ -74,7 +74,7 @@ def _serve(tmp: Path, folder: Path, mean_dir: Path, log: str):
     args = ["--model", str(folder), "--enforce-eager", "--served-model-name", "tiny", "--max-model-len", "512",
             "--artifact", f"mean={mean_dir}", "--registry", str(tmp / "reg"), "--max-upload-mb", "0.5",
             "--inline-vectors", "--max-inline-vectors", "2"]
-    return l2s_server(args, tmp / log, env={**os.environ, "L2S_ADMIN_KEY": KEY})
+    return l2s_server(args, tmp / log, env={**os.environ, "L2S_ADMIN_KEY": KEY}, start_timeout=900)
 
 
 def _files(folder: Path) -> dict[str, tuple[str, bytes]]:

@@ -44,6 +44,12 @@ KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vec
         *lens.UNSUPPORTED)
 #: set by the front end (never by the client: it is overwritten): the registered version a request was pinned to
 PIN = "l2s_version"
+#: set by the front end of ``l2s serve`` with chunked prefill (never by the client): ``read`` marks the request that
+#: reads an L2S vector ahead of a prompt-scope request (it writes nothing), ``ahead`` the request that then uses it
+MODE = "l2s_mode"
+MODES = ("read", "ahead")
+#: set by the engine core for those two: which prompt (and artifact) the vector read ahead belongs to
+DIGEST = "l2s_prompt_digest"
 #: set by the engine's front end (never by the client: it is overwritten): how many tokens before the last
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
 READ_BACK = "l2s_read_back"
@@ -102,6 +108,14 @@ class SteerRequest:
     strength: str = "absolute"
     #: inline vectors that differ per layer (vllm-lens's ``apply_steering_vectors``): (layer, vector) pairs
     layer_vectors: tuple[tuple[int, tuple[float, ...]], ...] | None = field(default=None, repr=False)
+    mode: str = ""      # "read" / "ahead": the read-ahead of chunked prefill (MODE); "" for every other request
+    digest: str = ""    # the prompt digest a read-ahead vector is kept under (DIGEST)
+
+    def prompt_digest(self, prompt_token_ids: Sequence[int], mm_identifiers: Sequence[str] = ()) -> str:
+        """What makes two requests' L2S vectors the same: the artifact (version), gate, read position, prompt
+        tokens and images. A vector read ahead is found again under it."""
+        parts = [self.key, self.gated, self.read_back, list(prompt_token_ids), [str(x) for x in mm_identifiers]]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
     @property
     def key(self) -> str:
@@ -246,8 +260,11 @@ class Registry:
         back = args.get(READ_BACK, 0)
         if isinstance(back, bool) or not isinstance(back, int) or back < 0:
             raise InvalidInputError(f"{READ_BACK} is set by the plugin, got {back!r}")
+        mode, digest = args.get(MODE, ""), args.get(DIGEST, "")
+        if mode not in ("", *MODES) or not isinstance(digest, str):
+            raise InvalidInputError(f"{MODE} and {DIGEST} are set by the plugin, got {mode!r}, {digest!r}")
         return SteerRequest(meta, float(alpha), scope, bool(gated), vector, read_back=back, strength=strength,
-                            layer_vectors=layer_vectors)
+                            layer_vectors=layer_vectors, mode=mode, digest=digest)
 
     def _named(self, name: Any, pin: Any) -> str:
         """The source of ``steer: name``: a start-up artifact, or a registered one at its pinned (else current)

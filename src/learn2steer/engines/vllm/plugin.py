@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import torch
 
-from learn2steer.engines.requests import PIN, READ_BACK, Registry, has_steering
+from learn2steer.engines.requests import DIGEST, MODE, PIN, PROMPT_SCOPES, READ_BACK, Registry, has_steering
 from learn2steer.engines.vllm import metrics
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
@@ -84,6 +84,8 @@ class _Process:
     registry: Registry | None = None
     library: Any = None                          # the ops live as long as their torch Library object
     worker: WorkerState = field(default_factory=WorkerState)
+    read_ahead: bool = False                     # this front end reads L2S vectors ahead of chunked prompts
+    marks: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # id(params) -> (mode, pinned version)
 
 
 _P = _Process()
@@ -203,7 +205,8 @@ def _limits(vllm_config: Any) -> EngineLimits:
     return EngineLimits(hidden_size=int(text.hidden_size), num_layers=int(text.num_hidden_layers),
                         chunked_prefill=bool(vllm_config.scheduler_config.enable_chunked_prefill),
                         pipeline_parallel=int(vllm_config.parallel_config.pipeline_parallel_size),
-                        model_runner_v2=bool(getattr(vllm_config, "use_v2_model_runner", False)))
+                        model_runner_v2=bool(getattr(vllm_config, "use_v2_model_runner", False)),
+                        read_ahead=_P.read_ahead)
 
 
 BEAM_SEARCH = ("steering does not apply to beam search (vLLM runs each beam as a separate request without "
@@ -223,7 +226,13 @@ def _patch_front_end(version: str) -> None:
             try:
                 if not _P.supported:
                     raise InvalidInputError(f"learn2steer's vLLM plugin supports vLLM 0.32.x; this is {version}")
-                cast(dict, extra).pop(PIN, None)  # set by the front end only (process_inputs), never by a client
+                for key in (PIN, MODE, DIGEST):  # set by the front end only, never by a client
+                    cast(dict, extra).pop(key, None)
+                mark = _P.marks.get(id(params))
+                if mark is not None:  # a read-ahead pair (enable_read_ahead): its mode and the version both use
+                    cast(dict, extra)[MODE] = mark[0]
+                    if mark[1] is not None:
+                        cast(dict, extra)[PIN] = mark[1]
                 req = registry().parse(extra)
                 assert req is not None
                 check_request(req, _limits(self.vllm_config))
@@ -246,7 +255,7 @@ def _patch_front_end(version: str) -> None:
             except InvalidInputError as e:
                 metrics.count_refusal(str(e))
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
-            if metrics.enabled():
+            if metrics.enabled() and cast(dict, extra).get(MODE) != "read":
                 req = registry().parse(extra)
                 if req is not None:
                     metrics.count_request(req)
@@ -263,7 +272,8 @@ def _pin(processor: Any, extra: dict[str, Any]) -> None:
     reg = registry()
     if reg.store is None:
         return
-    reg.pin(extra)
+    if not (MODE in extra and PIN in extra):  # a read-ahead pair keeps the version pinned for both
+        reg.pin(extra)
     if PIN in extra:
         req = reg.parse(extra)
         assert req is not None
@@ -336,6 +346,10 @@ def _patch_engine_core() -> None:
             req = registry().parse(extra)
             assert req is not None
             mm = [str(getattr(f, "identifier", "")) for f in (getattr(request, "mm_features", None) or [])]
+            if req.mode:
+                cast(dict, extra)[DIGEST] = req.prompt_digest(list(request.prompt_token_ids or []), mm)
+            if req.mode == "read":  # writes nothing: its cached blocks are plain ones
+                return orig(cls, request, block_hasher)
             salt = req.salt(list(request.prompt_token_ids or []), mm)
             request.cache_salt = salt if request.cache_salt is None else f"{request.cache_salt}|{salt}"
         return orig(cls, request, block_hasher)
@@ -417,6 +431,64 @@ def _patch_runner() -> None:
             return out
 
         cls.load_model = load_model
+
+
+def enable_read_ahead() -> None:
+    """``l2s serve`` with chunked prefill: an L2S request at scope ``all`` / ``prompt`` is served as two requests.
+
+    Its prompt may be split over several steps, and the first chunks pass L* before the last prompt token (where
+    v is read) has been computed. So the front end first sends the same prompt as a *read* request (one token,
+    nothing written: its chunks are plain, and its cached blocks are plain ones), whose worker keeps v under the
+    prompt's digest (artifact version, gate, read position, tokens, images); once it has finished, the request
+    itself goes in (*ahead*) and every worker takes v from there before its first chunk, so every chunk is
+    steered as one Hugging Face pass steers it. Both are pinned to the same registered version. Cost: the
+    prompt is computed twice (plain blocks of the read may come from the prefix cache), and the first token
+    waits for the read's prefill.
+    """
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    _P.read_ahead = True
+    orig = AsyncLLM.generate
+
+    async def generate(self: Any, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       **kwargs: Any) -> Any:
+        pin = _needs_read_ahead(self, sampling_params)
+        if pin is False:
+            async for out in orig(self, prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        read = SamplingParams(max_tokens=1, temperature=0.0, extra_args=dict(sampling_params.extra_args))
+        real = sampling_params.clone()
+        _P.marks[id(read)] = ("read", cast(Any, pin))
+        _P.marks[id(real)] = ("ahead", cast(Any, pin))
+        try:
+            async for _ in orig(self, prompt, read, f"{request_id}-l2s-read", *args, **kwargs):
+                pass
+            async for out in orig(self, prompt, real, request_id, *args, **kwargs):
+                yield out
+        finally:
+            _P.marks.pop(id(read), None)
+            _P.marks.pop(id(real), None)
+
+    AsyncLLM.generate = generate
+
+
+def _needs_read_ahead(llm: Any, params: Any) -> str | None | bool:
+    """False when the request needs no read-ahead; else the registered version both requests use (or None)."""
+    extra = getattr(params, "extra_args", None)
+    if not (_P.read_ahead and _P.supported and has_steering(extra)
+            and llm.vllm_config.scheduler_config.enable_chunked_prefill):
+        return False
+    try:
+        args = {k: v for k, v in cast(dict, extra).items() if k not in (PIN, MODE, DIGEST)}
+        registry().pin(args)
+        req = registry().parse(args)
+    except InvalidInputError:
+        return False  # the request's own checks answer with the 400
+    if req is None or not req.meta.reads_context or req.scope not in PROMPT_SCOPES or req.alpha == 0.0:
+        return False
+    return args.get(PIN)
 
 
 def _force_eager_on_cuda() -> None:

@@ -96,6 +96,8 @@ class EngineLimits:
     pipeline_parallel: int = 1
     #: vLLM's V2 model runner (GPU, opt-in or forced by some features): the plugin patches the V1 runner
     model_runner_v2: bool = False
+    #: the front end reads an L2S vector ahead of a chunked prompt (``l2s serve``; not the offline engine)
+    read_ahead: bool = False
 
 
 def check_request(req: SteerRequest, limits: EngineLimits) -> None:
@@ -119,10 +121,10 @@ def check_request(req: SteerRequest, limits: EngineLimits) -> None:
     if m.context_read not in CONTEXT_POSITIONS:
         raise InvalidInputError(f"this L2S artifact reads position {m.context_read!r}; the vLLM engine reads "
                                 f"{' or '.join(CONTEXT_POSITIONS)}")
-    if req.scope in PROMPT_SCOPES and limits.chunked_prefill:
+    if req.scope in PROMPT_SCOPES and limits.chunked_prefill and not limits.read_ahead:
         raise InvalidInputError(f"L2S with scope {req.scope!r} must see the whole prompt in one step, but this "
                                 "engine has chunked prefill on; use scope 'generated', or start it with chunked "
-                                "prefill off (`l2s serve` does so unless told otherwise)")
+                                "prefill off, or serve with `l2s serve`, which reads the vector ahead")
     if limits.pipeline_parallel > 1:
         raise InvalidInputError("L2S reads and writes the residual stream in one pass; pipeline parallelism "
                                 "(layers on different stages) is not supported. Use tensor parallelism")

@@ -2,8 +2,9 @@
 
 ``python -m learn2steer.engines.vllm.serve_main ARGS`` takes vLLM's server arguments. Before vLLM starts any
 process it reads the admin keys (and removes ``$L2S_ADMIN_KEY`` from the environment the engine's processes
-inherit) and makes the folder workers leave their steering counts in; then it adds
-:class:`~learn2steer.engines.vllm.admin.RegistryEndpoints` to the endpoint plugins vLLM loads (vLLM's own
+inherit), makes the folder workers leave their steering counts in, and, with chunked prefill on, turns on the
+read-ahead of L2S vectors for chunked prompts (:func:`~learn2steer.engines.vllm.plugin.enable_read_ahead`);
+then it adds :class:`~learn2steer.engines.vllm.admin.RegistryEndpoints` to the endpoint plugins vLLM loads (vLLM's own
 mechanism for extra routes, which otherwise only loads installed entry points named in ``$VLLM_PLUGINS``) and
 runs vLLM's ``main``.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -36,6 +38,10 @@ def install() -> None:
         return [*orig(*args, **kwargs), plugin]
 
     vllm.plugins.load_endpoint_plugins = load_endpoint_plugins
+    if "--enable-chunked-prefill" in sys.argv:  # L2S at scope all / prompt reads its vector ahead of the chunks
+        from learn2steer.engines.vllm.plugin import enable_read_ahead
+
+        enable_read_ahead()
 
 
 def main() -> None:

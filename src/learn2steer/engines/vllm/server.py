@@ -51,7 +51,8 @@ class ServeJob:
     dtype: Dtype = field(default="auto", metadata={"help": "auto (float32 on CPU) | float32 | bfloat16 | float16"})
     max_model_len: int = field(default=2048, metadata={"help": "Longest prompt + answer, in tokens."})
     chunked_prefill: bool = field(default=False, metadata={
-        "help": "Split long prompts over steps (then L2S requests must use scope 'generated')."})
+        "help": "Split long prompts over steps (an L2S request at scope all / prompt then reads its vector in a "
+                "request of its own first: its prompt is computed twice)."})
     enforce_eager: bool = field(default=False, metadata={
         "help": "No torch.compile (faster start; the plugin works either way; forced on CUDA)."})
     max_alpha: float = field(default=DEFAULT_MAX_ALPHA, metadata={
@@ -91,7 +92,8 @@ class ServeJob:
         check_plugin_installed()
         arts = self.artifacts()
         name, hidden, layers = model_shape(self.model)
-        limits = EngineLimits(hidden_size=hidden, num_layers=layers, chunked_prefill=self.chunked_prefill)
+        limits = EngineLimits(hidden_size=hidden, num_layers=layers, chunked_prefill=self.chunked_prefill,
+                              read_ahead=True)  # serve_main reads L2S vectors ahead of chunked prompts
         max_alpha = check_max_alpha(self.max_alpha)
         for art_name, folder in arts.items():
             check_artifact(folder, limits, art_name, max_alpha=max_alpha)
