@@ -60,7 +60,7 @@ def test_chunked_prefill_with_l2s_at_prompt_scopes_equals_hf(coco_images, tmp_pa
         return out
 
     jobs = [(kind, ex, name, xargs, cfg) for kind, ex in inputs for name, xargs, cfg in cases]
-    with l2s_server(args, tmp_path / "server.log", start_timeout=900) as base:  # a loaded CI host starts slowly
+    with l2s_server(args, tmp_path / "server.log", start_timeout=1800) as base:  # a loaded host starts slowly
         with ThreadPoolExecutor(6) as pool:  # concurrently: read requests and steered chunks share steps
             results = list(pool.map(lambda j: post_json(base + "/v1/chat/completions", body(j[1], j[3])), jobs))
     eos = handle.tokenizer.eos_token_id
