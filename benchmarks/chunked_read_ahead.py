@@ -1,9 +1,9 @@
 """The cost of chunked prefill with L2S at scope ``all`` on ``l2s serve`` (the read-ahead), over HTTP.
 
 ``.venv-serve/bin/python -m benchmarks.chunked_read_ahead --json OUT.json`` serves the embedded SmolLM2-135M-Instruct
-with chunked prefill on (a step budget of 64 tokens, so the demo prompts span 2-3 chunks) and a random L2S predictor
-(L'=10 -> L*=12: its cost does not depend on what it learnt), then sends batches of 16 concurrent chat requests,
-variants interleaved, median of repetitions:
+with chunked prefill on (a step budget of 32 tokens: the longer demo prompts span 2 chunks) and a random L2S
+predictor (L'=10 -> L*=12: its cost does not depend on what it learnt), then sends batches of 16 concurrent chat
+requests, variants interleaved, median of repetitions:
 
 * ``chunked_l2s_all_vs_plain_b16``: throughput (requests of 64 new tokens, ``ignore_eos``) with L2S at scope
   ``all`` (each request = a one-token read request, then the request itself) over the same requests unsteered;
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-BUDGET = 64
+BUDGET = 32
 
 
 def _post(url: str, body: dict) -> dict:
@@ -60,7 +60,7 @@ def main(reps: int = 3, tokens: int = 64, json_path: Path | None = None) -> dict
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     cmd = [sys.executable, "-m", "learn2steer", "serve", "--model", "default", "--artifact", f"l2s={folder}",
            "--port", str(port), "--chunked-prefill", f"--vllm-args=--max-num-batched-tokens={BUDGET}",
-           "--vllm-args=--max-num-seqs=32", "--served-model-name", "m"]
+           "--vllm-args=--max-num-seqs=16", "--served-model-name", "m"]
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
