@@ -224,3 +224,30 @@ def test_inline_vectors_per_layer_are_written_at_their_own_layers() -> None:
         apply(state, residual, residual, layer)
         added[layer] = residual
     assert torch.equal(added[0], torch.full((2, D), 2.0)) and torch.equal(added[2], torch.full((2, D), 6.0))
+
+
+def test_read_ahead_of_a_chunked_prompt(registry: Registry) -> None:
+    """Chunked prefill (``l2s serve``): a ``read`` request reads v at its last prompt token and writes nothing (also
+    with L' > L*: no pass of its own); the ``ahead`` request with the same digest then steers its first chunk,
+    which comes before its last prompt token, with that v, and reads nothing itself."""
+    state = WorkerState()
+    for name in ("l2s", "deep"):
+        read = {"steer": name, "l2s_mode": "read", "l2s_prompt_digest": f"p-{name}"}
+        first = build_plan(state, _batch([(f"r-{name}", read, 4, 0, 10)]), registry.parse)  # chunk 1: no write
+        assert first is not None and not first.writes and not first.captures
+        last = build_plan(state, _batch([(f"r-{name}", read, 6, 4, 10)]), registry.parse)  # reads at row 9 - 4
+        assert last is not None and not last.writes and not last.early
+        assert [r[:2] for reads in last.captures.values() for r in reads] == [(5, f"r-{name}")]
+        state.plan = last
+        h = torch.randn(6, D)
+        for layer in range(N):
+            apply(state, h, h.clone(), layer)
+        assert torch.equal(state.ahead[f"p-{name}"], state.vectors[f"r-{name}"])
+        ahead = {"steer": name, "l2s_mode": "ahead", "l2s_prompt_digest": f"p-{name}"}
+        plan = build_plan(state, _batch([(f"a-{name}", ahead, 4, 0, 10)]), registry.parse)  # its first chunk
+        assert plan is not None and not plan.captures and not plan.early
+        assert [list(w.rows) for ws in plan.writes.values() for w in ws] == [[0, 1, 2, 3]]
+        assert torch.equal(state.vectors[f"a-{name}"], state.ahead[f"p-{name}"])
+    lost = {"steer": "l2s", "l2s_mode": "ahead", "l2s_prompt_digest": "gone"}
+    assert build_plan(state, _batch([("lost", lost, 4, 0, 10)]), registry.parse) is None
+    assert "no longer held" in state.failed["lost"], "a vector that is not there fails that request, never unsteered"

@@ -41,6 +41,7 @@ def test_what_the_engine_cannot_apply_is_refused(registry) -> None:
     gen = registry.parse({"steer": "l2s", "scope": "generated"})
     assert gen is not None
     check_request(gen, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True))
+    check_request(ok, EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True, read_ahead=True))
     with pytest.raises(InvalidInputError, match="hidden size 16 and 6 layers; this model has 32 and 6"):
         check_request(ok, EngineLimits(hidden_size=32, num_layers=N, chunked_prefill=False))
     with pytest.raises(InvalidInputError, match="pipeline parallelism"):

@@ -12,7 +12,13 @@ a huge strength is never a useful answer, and one that overflows the model's dty
 residual stream, whose cached blocks other requests then share. An engine that runs trusted callers
 (the offline engine) may also accept ``steer_path`` (an artifact folder) and ``steer_vector`` +
 ``steer_layers`` (this request's own fixed vectors, e.g. P2S: one list of D numbers added at every layer of
-``steer_layers``, or one such list per entry of ``steer_layers``); a server refuses those.
+``steer_layers``, or one such list per entry of ``steer_layers``); a server refuses those, except inline
+vectors where its operator allows them (``l2s serve --inline-vectors``: ``steer_vector`` and vllm-lens's
+``apply_steering_vectors``, :mod:`learn2steer.engines.lens`, bounded in count and size).
+
+A server's names are its start-up artifacts and, with ``--registry DIR``, those registered at runtime
+(:mod:`learn2steer.engines.store`): the front end pins such a request to the version current when it was
+accepted (``l2s_version``, never trusted from the client), and every process loads that version.
 
 Nothing here knows an engine: the vLLM plugin (``engines/vllm/``) reads its settings from its environment
 (:mod:`learn2steer.engines.vllm.protocol`) and checks requests against what the running engine allows.
@@ -29,12 +35,23 @@ from typing import Any, Mapping, Sequence
 from learn2steer import rules
 from learn2steer._io import read_json
 from learn2steer.artifacts import validate_config
+from learn2steer.engines import lens
+from learn2steer.engines.store import ArtifactStore
 from learn2steer.errors import InvalidInputError
 from learn2steer.options import check_choice
 from learn2steer.rules import Scope, ScopeName, Strength, check_alpha, finite_in
 
 DEFAULT_MAX_ALPHA = 100.0
-KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers")
+KEYS = ("steer", "alpha", "scope", "gated", "strength", "steer_path", "steer_vector", "steer_layers", lens.KEY,
+        *lens.UNSUPPORTED)
+#: set by the front end (never by the client: it is overwritten): the registered version a request was pinned to
+PIN = "l2s_version"
+#: set by the front end of ``l2s serve`` with chunked prefill (never by the client): ``read`` marks the request that
+#: reads an L2S vector ahead of a prompt-scope request (it writes nothing), ``ahead`` the request that then uses it
+MODE = "l2s_mode"
+MODES = ("read", "ahead")
+#: set by the engine core for those two: which prompt (and artifact) the vector read ahead belongs to
+DIGEST = "l2s_prompt_digest"
 #: set by the engine's front end (never by the client: it is overwritten): how many tokens before the last
 #: prompt token the L2S read sits (``input_last``: the generation prompt's length; ``prompt_last``: 0)
 READ_BACK = "l2s_read_back"
@@ -47,6 +64,16 @@ PROMPT_SCOPES = (Scope.ALL.value, Scope.PROMPT.value)
 def has_steering(extra: Any) -> bool:
     """Whether a request's extra arguments ask for steering at all."""
     return isinstance(extra, dict) and any(k in extra for k in KEYS)
+
+
+def artifact_label(source: str) -> str:
+    """A source as a metrics label: the artifact's name, or ``path`` / ``inline`` (never a client's free text)."""
+    kind, _, ref = source.partition(":")
+    if kind == "name":
+        return ref
+    if kind == "reg":
+        return ref.partition("@")[0]
+    return kind
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,16 @@ class SteerRequest:
         if len(self.vectors) == 1:
             return self.vectors[0]
         return self.vectors[self.meta.steer_layers.index(layer)]
+    #: inline vectors that differ per layer (vllm-lens's ``apply_steering_vectors``): (layer, vector) pairs
+    layer_vectors: tuple[tuple[int, tuple[float, ...]], ...] | None = field(default=None, repr=False)
+    mode: str = ""      # "read" / "ahead": the read-ahead of chunked prefill (MODE); "" for every other request
+    digest: str = ""    # the prompt digest a read-ahead vector is kept under (DIGEST)
+
+    def prompt_digest(self, prompt_token_ids: Sequence[int], mm_identifiers: Sequence[str] = ()) -> str:
+        """What makes two requests' L2S vectors the same: the artifact (version), gate, read position, prompt
+        tokens and images. A vector read ahead is found again under it."""
+        parts = [self.key, self.gated, self.read_back, list(prompt_token_ids), [str(x) for x in mm_identifiers]]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
     @property
     def key(self) -> str:
@@ -149,9 +186,12 @@ class Registry:
     ``allow_paths`` (a trusted caller such as the offline engine), artifact folders and inline vectors."""
 
     def __init__(self, names: Mapping[str, str] | None = None, allow_paths: bool = False,
-                 max_alpha: float = DEFAULT_MAX_ALPHA, bound_setting: str = "max_alpha") -> None:
+                 max_alpha: float = DEFAULT_MAX_ALPHA, bound_setting: str = "max_alpha",
+                 store: ArtifactStore | None = None, inline: lens.InlineLimits | None = None) -> None:
         self.names = dict(names or {})
         self.allow_paths = allow_paths
+        self.store = store      # artifacts registered at runtime (``l2s serve --registry``)
+        self.inline = inline    # inline vectors allowed, within these limits (None: refused unless allow_paths)
         self.max_alpha = check_max_alpha(max_alpha)
         self.bound_setting = bound_setting  # where the operator sets max_alpha (named in the refusal)
         self._meta: dict[str, SteerMeta] = {}
@@ -160,7 +200,15 @@ class Registry:
         """The artifact behind a source (``name:``/``path:``), read from its config only."""
         if source not in self._meta:
             kind, _, ref = source.partition(":")
-            folder = self.names[ref] if kind == "name" else ref
+            if kind == "reg":
+                assert self.store is not None
+                name, _, version = ref.partition("@")
+                folder = str(self.store.folder(name, version))
+                if not Path(folder).is_dir():
+                    raise InvalidInputError(f"steering artifact {name!r} version {version} is no longer on this "
+                                            "server; send the request again")
+            else:
+                folder = self.names[ref] if kind == "name" else ref
             cfg = read_json(Path(folder) / "config.json", what="artifact config")
             self._meta[source] = _meta_from_config(cfg, source, folder)
         return self._meta[source]
@@ -171,17 +219,39 @@ class Registry:
         ours = {k: v for k, v in args.items() if k in KEYS}
         if not ours:
             return None
-        sources = [k for k in ("steer", "steer_path", "steer_vector") if k in ours]
+        for key, why in lens.UNSUPPORTED.items():
+            if key in ours:
+                raise InvalidInputError(f"vllm_xargs {key} is not supported: {why}")
+        sources = [k for k in ("steer", "steer_path", "steer_vector", lens.KEY) if k in ours]
         if len(sources) != 1:
-            raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path' or "
-                                    "'steer_vector'")
+            raise InvalidInputError("give exactly one of vllm_xargs 'steer' (an artifact name), 'steer_path', "
+                                    f"'steer_vector' or '{lens.KEY}'")
         vectors: tuple[tuple[float, ...], ...] | None = None
+        layer_vectors = None
         if "steer" in ours:
-            name = ours["steer"]
-            if not isinstance(name, str) or name not in self.names:
-                known = ", ".join(sorted(self.names)) or "none"
-                raise InvalidInputError(f"unknown steering artifact {name!r}; this server has: {known}")
-            meta = self.meta(f"name:{name}")
+            meta = self.meta(self._named(ours["steer"], args.get(PIN)))
+        elif lens.KEY in ours:
+            if self.inline is None and not self.allow_paths:
+                raise InvalidInputError(f"vllm_xargs {lens.KEY}: this server does not accept inline vectors; its "
+                                        "operator turns them on with `l2s serve --inline-vectors`")
+            for key in ("alpha", "strength", "steer_layers"):
+                if key in ours:
+                    raise InvalidInputError(f"vllm_xargs {key} does not go with {lens.KEY}: each vector carries its "
+                                            "own layer_indices, scale and norm_match")
+            got = lens.decode(ours[lens.KEY], self.inline or lens.InlineLimits(), self.max_alpha)
+            layer_vectors = got.vectors
+            digest = hashlib.sha256(json.dumps(got.vectors).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=got.hidden_size, num_layers=0,
+                             steer_layers=tuple(k for k, _ in got.vectors), alpha=got.alpha, strength=got.strength)
+        elif "steer_vector" in ours and self.inline is not None:
+            vectors, layers = _inline(ours.get("steer_vector"), ours.get("steer_layers"))
+            if len(layers) > self.inline.max_vectors or len(vectors[0]) > self.inline.max_hidden:
+                raise InvalidInputError(f"steer_vector: this server accepts at most {self.inline.max_vectors} layers "
+                                        f"and {self.inline.max_hidden} values")
+            one = vectors[0] if len(vectors) == 1 else vectors  # one vector: the digest (and salt) of 0.3
+            digest = hashlib.sha256(json.dumps([one, layers]).encode()).hexdigest()[:24]
+            meta = SteerMeta(source=f"inline:{digest}", kind="fixed", hidden_size=len(vectors[0]), num_layers=0,
+                             steer_layers=layers)
         elif not self.allow_paths:
             raise InvalidInputError("this server only steers with its named artifacts (vllm_xargs 'steer')")
         elif "steer_path" in ours:
@@ -215,8 +285,37 @@ class Registry:
         if not isinstance(put, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                          for t in put):
             raise InvalidInputError(f"{READ_TOKENS} is set by the plugin, got {put!r}")
+        mode, digest = args.get(MODE, ""), args.get(DIGEST, "")
+        if mode not in ("", *MODES) or not isinstance(digest, str):
+            raise InvalidInputError(f"{MODE} and {DIGEST} are set by the plugin, got {mode!r}, {digest!r}")
         return SteerRequest(meta, float(alpha), scope, bool(gated), vectors, read_back=back, strength=strength,
-                            read_tokens=tuple(put))
+                            read_tokens=tuple(put), layer_vectors=layer_vectors, mode=mode, digest=digest)
+
+    def _named(self, name: Any, pin: Any) -> str:
+        """The source of ``steer: name``: a start-up artifact, or a registered one at its pinned (else current)
+        version. A name that is not registered, or not yet, is one sentence naming it."""
+        if isinstance(name, str) and name in self.names:
+            return f"name:{name}"
+        if isinstance(name, str) and self.store is not None:
+            version = pin if isinstance(pin, str) and pin else self.store.current(name)
+            if version is not None:
+                return f"reg:{name}@{version}"
+        known = sorted(self.names) + (sorted(self.store.names()) if self.store is not None else [])
+        ready = " (not registered, or not ready yet)" if self.store is not None else ""
+        raise InvalidInputError(f"unknown steering artifact {name!r}{ready}; this server has: "
+                                f"{', '.join(known) or 'none'}")
+
+    def pin(self, extra: dict[str, Any]) -> None:
+        """Front end: write the registered version this request gets into its extra args (a client's own
+        ``l2s_version`` is dropped first), so that every process applies the same version, whatever replaces it
+        while the request runs. Start-up artifacts need no pin."""
+        extra.pop(PIN, None)
+        name = extra.get("steer")
+        if self.store is None or not isinstance(name, str) or name in self.names:
+            return
+        version = self.store.current(name)
+        if version is not None:
+            extra[PIN] = version
 
 
 def check_max_alpha(value: float) -> float:

@@ -32,6 +32,7 @@ log = logging.getLogger("learn2steer.vllm")
 ENV_TRACE = "L2S_VLLM_TRACE"  # a file: every write is logged as a JSON line (tests)
 _TRACING = bool(os.environ.get(ENV_TRACE))  # read when the process starts (workers inherit the environment)
 ARTIFACT_CACHE = 64  # artifact-backed vectors / predictors kept per worker (least recently used go first)
+AHEAD_CACHE = 4096   # vectors read ahead of chunked prompts, kept until used (a few MB at most)
 
 
 def trace(record: dict[str, Any]) -> None:
@@ -104,6 +105,16 @@ class WorkerState:
     failed: dict[str, str] = field(default_factory=dict)                    # request id -> why (until removed)
     unreported: set[str] = field(default_factory=set)                       # failed, not yet told the scheduler
     layers: list[str] = field(default_factory=list)                         # the wrapped layers' module paths
+    #: told of every vector a predictor produced (request, its norm): the metrics of ``l2s serve``; None: off
+    observer: Callable[[SteerRequest, float], None] | None = None
+    #: vectors read ahead of chunked prompts (prompt digest -> v), until the request that uses them starts (LRU)
+    ahead: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
+
+    def keep_ahead(self, digest: str, v: torch.Tensor) -> None:
+        self.ahead[digest] = v
+        self.ahead.move_to_end(digest)
+        while len(self.ahead) > AHEAD_CACHE:
+            self.ahead.popitem(last=False)
 
     def fail(self, rid: str, why: str) -> None:
         if rid not in self.failed:
@@ -137,10 +148,11 @@ class WorkerState:
 
     def fixed(self, rid: str, req: SteerRequest, layer: int, device: torch.device) -> torch.Tensor:
         """The fixed vector ``req`` adds at ``layer``: the request's own (inline) or its artifact's."""
-        if req.vectors is not None:
+        if req.vectors is not None or req.layer_vectors is not None:
             own = self.inline.setdefault(rid, {})
             if layer not in own:
-                own[layer] = torch.tensor(req.vector_at(layer), dtype=torch.float32, device=device)
+                values = req.vector_at(layer) if req.layer_vectors is None else dict(req.layer_vectors)[layer]
+                own[layer] = torch.tensor(values, dtype=torch.float32, device=device)
             return own[layer]
 
         def load() -> torch.Tensor:
@@ -185,6 +197,12 @@ def build_plan(state: WorkerState, batch: StepBatch,
         req = state.requests[rid]
         if req is None or req.alpha == 0.0 or rid in state.failed:
             continue
+        if req.mode == "ahead" and rid not in state.vectors:  # chunked prefill: v was read by an earlier request
+            v = state.ahead.get(req.digest)
+            if v is None:
+                state.fail(rid, "the L2S vector read ahead of its chunked prompt is no longer held; send it again")
+                continue
+            state.vectors[rid] = v
         start = int(qsl[i])
         count = int(qsl[i + 1]) - start
         if count <= 0:
@@ -199,6 +217,8 @@ def build_plan(state: WorkerState, batch: StepBatch,
             sel = scope_selects(req.scope, pos, prompt_len)
             any_sel = bool(sel.any())
             write = Write(start + np.flatnonzero(sel), pos[sel], rid, req)
+        if req.mode == "read":  # the read-ahead request reads v and writes nothing
+            any_sel = False
         if req.meta.reads_context:
             assert req.meta.context_layer is not None
             row = req.read_row(prompt_len)
@@ -208,7 +228,7 @@ def build_plan(state: WorkerState, batch: StepBatch,
                     state.fail(rid, "its input_last read puts tokens in place at positions another step computed "
                                     "(a prompt split across steps); start the engine with chunked prefill off")
                     continue
-                reads = plan.early if req.reads_in_own_pass else plan.captures
+                reads = plan.early if req.reads_in_own_pass and req.mode != "read" else plan.captures
                 reads[req.meta.context_layer].append((start + row - computed, rid, req, row))
                 plan.put += [(start + first + k - computed, t) for k, t in enumerate(req.read_tokens)]
             elif rid not in state.vectors and any_sel:
@@ -254,9 +274,14 @@ def apply(state: WorkerState, stream: Any, residual: torch.Tensor, layer: int) -
         for idx in groups.values():
             pred = state.predictor(caps[idx[0]][2], residual.device)(h[idx]).detach()
             finite = torch.isfinite(pred).all(dim=-1).tolist()
+            norms = pred.float().norm(dim=-1).tolist() if state.observer is not None else None
             for k, j in enumerate(idx):
                 if finite[k]:
                     state.vectors[caps[j][1]] = pred[k]
+                    if caps[j][2].mode == "read":
+                        state.keep_ahead(caps[j][2].digest, pred[k])
+                    if norms is not None and state.observer is not None:
+                        state.observer(caps[j][2], norms[k])
                     if _TRACING:
                         trace({"read": caps[j][1], "layer": layer, "position": caps[j][3]})
                 else:

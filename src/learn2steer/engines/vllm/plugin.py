@@ -44,7 +44,18 @@ from typing import Any, cast
 
 import torch
 
-from learn2steer.engines.requests import READ_BACK, READ_TOKENS, Registry, SteerRequest, has_steering
+from learn2steer.engines.requests import (
+    DIGEST,
+    MODE,
+    PIN,
+    PROMPT_SCOPES,
+    READ_BACK,
+    READ_TOKENS,
+    Registry,
+    SteerRequest,
+    has_steering,
+)
+from learn2steer.engines.vllm import metrics
 from learn2steer.engines.vllm.layers import decoder_layers, wrap_layer
 from learn2steer.engines.vllm.plan import (
     ENV_TRACE,
@@ -58,6 +69,9 @@ from learn2steer.engines.vllm.plan import (
 from learn2steer.engines.vllm.protocol import (
     ENV_ALLOW_PATHS,
     ENV_ARTIFACTS,
+    ENV_INLINE,
+    ENV_METRICS,
+    ENV_REGISTRY,
     EngineLimits,
     check_request,
     registry_from_env,
@@ -81,6 +95,8 @@ class _Process:
     registry: Registry | None = None
     library: Any = None                          # the ops live as long as their torch Library object
     worker: WorkerState = field(default_factory=WorkerState)
+    read_ahead: bool = False                     # this front end reads L2S vectors ahead of chunked prompts
+    marks: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # id(params) -> (mode, pinned version)
 
 
 _P = _Process()
@@ -115,7 +131,8 @@ def worker() -> WorkerState:
 def steering_enabled() -> bool:
     """Whether this process may receive steering requests (named artifacts, or the offline engine's paths)."""
     raw = os.environ.get(ENV_ARTIFACTS, "")
-    return os.environ.get(ENV_ALLOW_PATHS) == "1" or raw not in ("", "{}")
+    return (os.environ.get(ENV_ALLOW_PATHS) == "1" or raw not in ("", "{}") or bool(os.environ.get(ENV_REGISTRY))
+            or bool(os.environ.get(ENV_INLINE)))
 
 
 # ---- the per-step plan (worker): learn2steer.engines.vllm.plan does the work ---------------------------------
@@ -180,7 +197,24 @@ def attach(runner: Any) -> int:
                                 "HF engine")
     if not layers:
         log.warning("learn2steer: no decoder layers found in %s; steering requests will fail", type(model).__name__)
+    _observe_for_metrics()
     return len(layers)
+
+
+def _observe_for_metrics() -> None:
+    """``l2s serve``: this worker reports its predicted vectors to /metrics (tensor-parallel rank 0 only: every
+    rank computes the same vectors)."""
+    folder = os.environ.get(ENV_METRICS)
+    if not folder or _W.observer is not None:
+        return
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, RuntimeError):
+        rank = 0
+    if rank == 0:
+        _W.observer = metrics.WorkerStats(folder).observe
 
 
 # ---- registration ------------------------------------------------------------------------------------------
@@ -196,7 +230,8 @@ def _limits(vllm_config: Any) -> EngineLimits:
     return EngineLimits(hidden_size=int(text.hidden_size), num_layers=int(text.num_hidden_layers),
                         chunked_prefill=bool(vllm_config.scheduler_config.enable_chunked_prefill),
                         pipeline_parallel=int(vllm_config.parallel_config.pipeline_parallel_size),
-                        model_runner_v2=bool(getattr(vllm_config, "use_v2_model_runner", False)))
+                        model_runner_v2=bool(getattr(vllm_config, "use_v2_model_runner", False)),
+                        read_ahead=_P.read_ahead)
 
 
 BEAM_SEARCH = ("steering does not apply to beam search (vLLM runs each beam as a separate request without "
@@ -216,10 +251,18 @@ def _patch_front_end(version: str) -> None:
             try:
                 if not _P.supported:
                     raise InvalidInputError(f"learn2steer's vLLM plugin supports vLLM 0.32.x; this is {version}")
+                for key in (PIN, MODE, DIGEST):  # set by the front end only, never by a client
+                    cast(dict, extra).pop(key, None)
+                mark = _P.marks.get(id(params))
+                if mark is not None:  # a read-ahead pair (enable_read_ahead): its mode and the version both use
+                    cast(dict, extra)[MODE] = mark[0]
+                    if mark[1] is not None:
+                        cast(dict, extra)[PIN] = mark[1]
                 req = registry().parse(extra)
                 assert req is not None
                 check_request(req, _limits(self.vllm_config))
             except InvalidInputError as e:
+                metrics.count_refusal(str(e))
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
         return out
 
@@ -232,13 +275,34 @@ def _patch_front_end(version: str) -> None:
         extra = getattr(sp, "extra_args", None) if sp is not None else None
         if has_steering(extra) and _P.supported:
             try:
+                _pin(self, cast(dict, extra))
                 _prepare_read(self, ecr, sp, cast(dict, extra))
             except InvalidInputError as e:
+                metrics.count_refusal(str(e))
                 raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+            if metrics.enabled() and cast(dict, extra).get(MODE) != "read":
+                req = registry().parse(extra)
+                if req is not None:
+                    metrics.count_request(req)
         return ecr
 
     InputProcessor.process_inputs = process_inputs
     _patch_beam_search(VLLMValidationError)
+
+
+def _pin(processor: Any, extra: dict[str, Any]) -> None:
+    """A request naming a registered artifact gets the version current now, in its own extra args: the engine
+    core and every worker apply that version, whatever replaces it meanwhile. Checked again once pinned (it may
+    have been replaced since the request was validated)."""
+    reg = registry()
+    if reg.store is None:
+        return
+    if not (MODE in extra and PIN in extra):  # a read-ahead pair keeps the version pinned for both
+        reg.pin(extra)
+    if PIN in extra:
+        req = reg.parse(extra)
+        assert req is not None
+        check_request(req, _limits(processor.vllm_config))
 
 
 def _prepare_read(processor: Any, ecr: Any, sp: Any, extra: dict[str, Any]) -> None:
@@ -294,6 +358,7 @@ def _patch_beam_search(error: Any) -> None:
 
         def to_beam_search_params(self: Any, *args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
             if has_steering(getattr(self, "vllm_xargs", None)):
+                metrics.count_refusal(BEAM_SEARCH)
                 raise error(BEAM_SEARCH, parameter="use_beam_search")
             return _orig(self, *args, **kwargs)
 
@@ -313,6 +378,10 @@ def _patch_engine_core() -> None:
             req = registry().parse(extra)
             assert req is not None
             mm = [str(getattr(f, "identifier", "")) for f in (getattr(request, "mm_features", None) or [])]
+            if req.mode:
+                cast(dict, extra)[DIGEST] = req.prompt_digest(list(request.prompt_token_ids or []), mm)
+            if req.mode == "read":  # writes nothing: its cached blocks are plain ones
+                return orig(cls, request, block_hasher)
             salt = req.salt(list(request.prompt_token_ids or []), mm)
             request.cache_salt = salt if request.cache_salt is None else f"{request.cache_salt}|{salt}"
         return orig(cls, request, block_hasher)
@@ -396,6 +465,64 @@ def _patch_runner() -> None:
             return out
 
         cls.load_model = load_model
+
+
+def enable_read_ahead() -> None:
+    """``l2s serve`` with chunked prefill: an L2S request at scope ``all`` / ``prompt`` is served as two requests.
+
+    Its prompt may be split over several steps, and the first chunks pass L* before the last prompt token (where
+    v is read) has been computed. So the front end first sends the same prompt as a *read* request (one token,
+    nothing written: its chunks are plain, and its cached blocks are plain ones), whose worker keeps v under the
+    prompt's digest (artifact version, gate, read position, tokens, images); once it has finished, the request
+    itself goes in (*ahead*) and every worker takes v from there before its first chunk, so every chunk is
+    steered as one Hugging Face pass steers it. Both are pinned to the same registered version. Cost: the
+    prompt is computed twice (plain blocks of the read may come from the prefix cache), and the first token
+    waits for the read's prefill.
+    """
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    _P.read_ahead = True
+    orig = AsyncLLM.generate
+
+    async def generate(self: Any, prompt: Any, sampling_params: Any, request_id: str, *args: Any,
+                       **kwargs: Any) -> Any:
+        pin = _needs_read_ahead(self, sampling_params)
+        if pin is False:
+            async for out in orig(self, prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        read = SamplingParams(max_tokens=1, temperature=0.0, extra_args=dict(sampling_params.extra_args))
+        real = sampling_params.clone()
+        _P.marks[id(read)] = ("read", cast(Any, pin))
+        _P.marks[id(real)] = ("ahead", cast(Any, pin))
+        try:
+            async for _ in orig(self, prompt, read, f"{request_id}-l2s-read", *args, **kwargs):
+                pass
+            async for out in orig(self, prompt, real, request_id, *args, **kwargs):
+                yield out
+        finally:
+            _P.marks.pop(id(read), None)
+            _P.marks.pop(id(real), None)
+
+    AsyncLLM.generate = generate
+
+
+def _needs_read_ahead(llm: Any, params: Any) -> str | None | bool:
+    """False when the request needs no read-ahead; else the registered version both requests use (or None)."""
+    extra = getattr(params, "extra_args", None)
+    if not (_P.read_ahead and _P.supported and has_steering(extra)
+            and llm.vllm_config.scheduler_config.enable_chunked_prefill):
+        return False
+    try:
+        args = {k: v for k, v in cast(dict, extra).items() if k not in (PIN, MODE, DIGEST)}
+        registry().pin(args)
+        req = registry().parse(args)
+    except InvalidInputError:
+        return False  # the request's own checks answer with the 400
+    if req is None or not req.meta.reads_context or req.scope not in PROMPT_SCOPES or req.alpha == 0.0:
+        return False
+    return args.get(PIN)
 
 
 def _force_eager_on_cuda() -> None:

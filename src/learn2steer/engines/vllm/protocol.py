@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from learn2steer.activations import CONTEXT_POSITIONS
+from learn2steer.engines.lens import InlineLimits
 from learn2steer.engines.requests import (
     DEFAULT_MAX_ALPHA,
     PROMPT_SCOPES,
@@ -19,11 +22,18 @@ from learn2steer.engines.requests import (
     SteerRequest,
     check_max_alpha,
 )
+from learn2steer.engines.store import ArtifactStore
 from learn2steer.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from learn2steer.artifacts import SteeringArtifact
 
 ENV_ARTIFACTS = "L2S_VLLM_ARTIFACTS"     # JSON {name: folder}, set by `l2s serve` / the offline engine
 ENV_ALLOW_PATHS = "L2S_VLLM_ALLOW_PATHS"  # "1": requests may name artifact folders / inline vectors (offline only)
 ENV_MAX_ALPHA = "L2S_VLLM_MAX_ALPHA"      # the largest |alpha| a request may ask for (operator setting)
+ENV_REGISTRY = "L2S_VLLM_REGISTRY"        # the folder of artifacts registered at runtime (l2s serve --registry)
+ENV_INLINE = "L2S_VLLM_INLINE"            # JSON {"max_vectors": N, "max_hidden": D}: inline vectors allowed
+ENV_METRICS = "L2S_VLLM_METRICS_DIR"      # where workers leave their steering counts for /metrics (l2s serve)
 
 
 def registry_from_env() -> Registry:
@@ -34,8 +44,21 @@ def registry_from_env() -> Registry:
         names = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         raise InvalidInputError(f"${ENV_ARTIFACTS} must hold a JSON object name -> artifact folder") from None
+    store = ArtifactStore(os.environ[ENV_REGISTRY]) if os.environ.get(ENV_REGISTRY) else None
     return Registry(names, allow_paths=os.environ.get(ENV_ALLOW_PATHS) == "1", max_alpha=max_alpha_setting(),
-                    bound_setting=f"${ENV_MAX_ALPHA}, l2s serve --max-alpha")
+                    bound_setting=f"${ENV_MAX_ALPHA}, l2s serve --max-alpha", store=store, inline=inline_setting())
+
+
+def inline_setting() -> InlineLimits | None:
+    """The operator's bounds on inline vectors (``$L2S_VLLM_INLINE``), or None when they are refused."""
+    raw = os.environ.get(ENV_INLINE, "")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+        return InlineLimits(max_vectors=int(cfg["max_vectors"]), max_hidden=int(cfg.get("max_hidden", 16384)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise InvalidInputError(f"${ENV_INLINE} must hold a JSON object {{\"max_vectors\": N}}") from None
 
 
 def max_alpha_setting() -> float:
@@ -73,6 +96,8 @@ class EngineLimits:
     pipeline_parallel: int = 1
     #: vLLM's V2 model runner (GPU, opt-in or forced by some features): the plugin patches the V1 runner
     model_runner_v2: bool = False
+    #: the front end reads an L2S vector ahead of a chunked prompt (``l2s serve``; not the offline engine)
+    read_ahead: bool = False
 
 
 def check_request(req: SteerRequest, limits: EngineLimits) -> None:
@@ -96,10 +121,42 @@ def check_request(req: SteerRequest, limits: EngineLimits) -> None:
     if m.context_read not in CONTEXT_POSITIONS:
         raise InvalidInputError(f"this L2S artifact reads position {m.context_read!r}; the vLLM engine reads "
                                 f"{' or '.join(CONTEXT_POSITIONS)}")
-    if req.scope in PROMPT_SCOPES and limits.chunked_prefill:
+    if req.scope in PROMPT_SCOPES and limits.chunked_prefill and not limits.read_ahead:
         raise InvalidInputError(f"L2S with scope {req.scope!r} must see the whole prompt in one step, but this "
                                 "engine has chunked prefill on; use scope 'generated', or start it with chunked "
-                                "prefill off (`l2s serve` does so unless told otherwise)")
+                                "prefill off, or serve with `l2s serve`, which reads the vector ahead")
     if limits.pipeline_parallel > 1:
         raise InvalidInputError("L2S reads and writes the residual stream in one pass; pipeline parallelism "
                                 "(layers on different stages) is not supported. Use tensor parallelism")
+
+
+def check_artifact(folder: str | Path, limits: EngineLimits, name: str = "",
+                   max_alpha: float = DEFAULT_MAX_ALPHA) -> "SteeringArtifact":
+    """Everything an artifact must pass before any request may use it (start-up ``--artifact``, the registry's
+    uploads, and registered artifacts found again after a restart): its files (schema, checksums, safetensors),
+    the model's shape and layers, finite tensors, a predictor's output on a probe input (finite, the model's
+    width), and what one pass can apply with its own defaults. (Loading already refuses non-finite vectors and
+    predictor weights.)"""
+    import torch
+
+    from learn2steer.artifacts import SteeringArtifact
+
+    where = f"artifact {name!r}" if name else f"artifact {folder}"
+    art = SteeringArtifact.load(folder)
+    if art.hidden_size != limits.hidden_size or art.num_layers != limits.num_layers:
+        raise InvalidInputError(f"{where} was made for a model of hidden size {art.hidden_size} and {art.num_layers} "
+                                f"layers; this model has {limits.hidden_size} and {limits.num_layers}")
+    if art.predictor is not None:
+        probe = torch.randn(2, art.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = art.predict_fn(gated=False)(probe)
+        if tuple(out.shape) != (2, art.hidden_size) or not bool(torch.isfinite(out).all()):
+            raise InvalidInputError(f"{where}: its predictor does not map a hidden state to a finite vector of size "
+                                    f"{art.hidden_size}")
+    req = Registry({"x": str(folder)}, max_alpha=max_alpha).parse({"steer": "x"})
+    assert req is not None
+    try:
+        check_request(req, limits)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{where}: {e}") from None
+    return art
