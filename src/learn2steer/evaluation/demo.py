@@ -43,7 +43,9 @@ class DemoConfig:
         "help": "safety (the bundled requests) | hallucination (text-form POPE and CHAIR on COCO scenes)."})
     model: str = field(default="default", metadata={
         "help": "default (SmolLM2-135M-Instruct) | gemma3-270m (Gemma-3-270M base; bash scripts/setup.sh --gemma)."})
-    quick: bool = field(default=False, metadata={"help": "A smaller split and grid (a few minutes on 2 cores)."})
+    quick: bool = field(default=False, metadata={
+        "help": "A smaller split and grid (safety: about 3 minutes alone on 2 cores; hallucination: 25-30 minutes "
+                "measured on a shared 2-core machine)."})
     behaviour: str | None = field(default=None, metadata={
         "help": "Behaviour spec (default: safety_refusal, or hallucination_text; the paper's `safety` is shipped "
                 "too: it does not make this small model refuse)."})
