@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,3 +138,17 @@ def restored(registry: dict) -> Iterator[dict]:
     finally:
         registry.clear()
         registry.update(saved)
+
+
+def write_nan(folder: Path) -> None:
+    """Put a NaN into a saved fixed artifact, checksum updated (what a careless exporter could upload)."""
+    from safetensors.torch import load_file, save_file
+
+    from learn2steer._io import file_sha256
+
+    t = load_file(str(folder / "vectors.safetensors"))
+    next(iter(t.values()))[3] = float("nan")
+    save_file(t, str(folder / "vectors.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["files"]["vectors.safetensors"] = file_sha256(folder / "vectors.safetensors")
+    (folder / "config.json").write_text(json.dumps(cfg))

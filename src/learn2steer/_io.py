@@ -43,7 +43,12 @@ def dumps(obj: Any, *, indent: int | None = None) -> str:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers never see half a file.
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename: readers never see half a file."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers never see half a file.
 
     The temporary name is unique per writer, so two processes writing the same file cannot clobber each
     other's temporary (the last rename wins, and each rename is whole).
@@ -52,8 +57,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import request_registry
+from helpers import request_registry, write_nan
 
 from learn2steer.engines import lens, store
 from learn2steer.engines.requests import PIN, Registry
@@ -95,20 +95,6 @@ def test_upload_checks_refuse_wrong_shape_non_finite_and_pickle(arts, tmp_path) 
         check_artifact(nan, limits)
     with pytest.raises(InvalidInputError, match="chunked prefill"):
         check_artifact(arts.names["l2s"], EngineLimits(hidden_size=D, num_layers=N, chunked_prefill=True))
-
-
-def write_nan(folder: Path) -> None:
-    """Put a NaN into a saved fixed artifact, checksum updated (what a careless exporter could upload)."""
-    from safetensors.torch import load_file, save_file
-
-    from learn2steer._io import file_sha256
-
-    t = load_file(str(folder / "vectors.safetensors"))
-    next(iter(t.values()))[3] = float("nan")
-    save_file(t, str(folder / "vectors.safetensors"))
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["files"]["vectors.safetensors"] = file_sha256(folder / "vectors.safetensors")
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 def test_admin_keys_are_labelled_and_compared_whole(tmp_path) -> None:

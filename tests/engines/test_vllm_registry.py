@@ -25,7 +25,7 @@ pytestmark = pytest.mark.serve
 vllm = pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from helpers import l2s_server, post_json  # noqa: E402
+from helpers import l2s_server, post_json, write_nan  # noqa: E402
 
 from learn2steer import MethodConfig, SteeringArtifact  # noqa: E402
 from learn2steer.behaviours import Example  # noqa: E402
@@ -145,7 +145,7 @@ def test_register_use_replace_remove_restart(setup) -> None:
         pickle = {"config.json": ("config.json", b"{}"), "model.bin": ("model.bin", b"\x80\x04\x95junk")}
         nan_dir = tmp / "nan"
         SteeringArtifact.load(dirs["mean"]).save(nan_dir)
-        _poison(nan_dir)
+        write_nan(nan_dir)
         for name, files, headers, status, words in [
                 ("live", _files(dirs["l2s_a"]), None, 401, "admin key"),
                 ("live", _files(dirs["l2s_a"]), {"X-L2S-Admin-Key": "y" * 24}, 403, "admin key"),
@@ -252,20 +252,6 @@ def test_register_use_replace_remove_restart(setup) -> None:
         listing = _listing(base)
         assert listing["kept"] == r.json()["version"] and "live" not in listing, listing
         assert _tokens(base, q, {"steer": "kept"}, eos) == live_a[q]
-
-
-def _poison(folder: Path) -> None:
-    """A NaN in a saved fixed artifact, with its checksum updated (what a careless exporter could upload)."""
-    from safetensors.torch import load_file, save_file
-
-    from learn2steer._io import file_sha256
-
-    t = load_file(str(folder / "vectors.safetensors"))
-    next(iter(t.values()))[3] = float("nan")
-    save_file(t, str(folder / "vectors.safetensors"))
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["files"]["vectors.safetensors"] = file_sha256(folder / "vectors.safetensors")
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.mark.slow

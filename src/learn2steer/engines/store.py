@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+from learn2steer._io import write_bytes_atomic
 from learn2steer.errors import InvalidInputError
 
 #: an artifact name: a letter or digit first, then letters, digits, '.', '_', '-' (no path, no '..' start)
@@ -52,18 +53,6 @@ def version_of(files: Mapping[str, bytes]) -> str:
     for name in sorted(files):
         h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     return h.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class ArtifactStore:
@@ -115,7 +104,7 @@ class ArtifactStore:
             incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
             try:
                 for fname, data in files.items():
-                    _write_atomic(incoming / fname, data)
+                    write_bytes_atomic(incoming / fname, data)
                 check(incoming)
                 (self.root / name).mkdir(exist_ok=True)
                 target = self.root / name / version
@@ -127,7 +116,7 @@ class ArtifactStore:
                 if incoming.exists():
                     shutil.rmtree(incoming, ignore_errors=True)
             previous = self.current(name)
-            _write_atomic(self.root / name / CURRENT, version.encode())
+            write_bytes_atomic(self.root / name / CURRENT, version.encode())
             self._retire(name, previous, version)
         return version, previous
 
