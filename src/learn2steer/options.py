@@ -242,6 +242,15 @@ def flat_names(groups: Iterable[tuple[type, str]]) -> set[str]:
     return out
 
 
+def load_entry_points(group: str) -> None:
+    """Import every installed package's entry point of ``group`` (``learn2steer.datasets``, ``learn2steer.tasks``):
+    the modules that register their members, loaded before a registry's option groups are built."""
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group=group):
+        ep.load()
+
+
 def with_groups(base: type[T], groups: Mapping[str, tuple[type, str, str]], name: str) -> type[T]:
     """A dataclass ``name`` with ``base``'s fields plus one nested options group per entry of ``groups``
     (field name -> (options dataclass, command-line prefix, help)).

@@ -10,22 +10,15 @@ or in the CLI.
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import learn2steer.evaluation.scenes  # noqa: F401  (registers textpope / textchair)
 from learn2steer.behaviours import Example
-from learn2steer.evaluation.datasets import DATASETS, dataset_kind, dataset_usage, load_dataset
-from learn2steer.options import with_groups
+from learn2steer.evaluation.datasets import DATASETS, dataset_usage, load_dataset
+from learn2steer.options import load_entry_points, with_groups
 
-
-def _load_entry_points(group: str) -> None:
-    for ep in importlib.metadata.entry_points(group=group):
-        ep.load()
-
-
-_load_entry_points("learn2steer.datasets")
+load_entry_points("learn2steer.datasets")
 
 
 @dataclass
@@ -41,11 +34,6 @@ class DataOptionsBase:
         """The examples of ``spec`` (default: ``dataset``) with these options (validated, never empty)."""
         return load_dataset(spec or self.dataset, image_dir=self.image_dir, limit=self.limit if limit else None,
                             options=self)
-
-    def dataset_options(self, spec: str | None = None) -> Any:
-        """The options group of the kind of ``spec`` (default: ``dataset``); None for a kind without options."""
-        kind, _ = dataset_kind(spec or self.dataset)
-        return getattr(self, kind.group) if kind.group else None
 
 
 def _groups() -> dict[str, tuple[type, str, str]]:

@@ -13,8 +13,8 @@ It is not visual grounding, and its figures are not comparable with the paper's 
 :func:`sample_pope` writes POPE-format questions for any set of images with POPE's three negative-sampling rules
 (random; popular: the most frequent objects of the ground truth; adversarial: the objects that co-occur most with
 the image's objects), so training data never has to come from POPE's own test images. Reserved images, never used
-for training, selection or tuning (:func:`check_not_reserved`): POPE's 500 test images and every image whose COCO
-id ends in 7 (kept for independent checks).
+for training, selection or tuning (:func:`is_reserved`; the sampler never draws them): POPE's 500 test images
+and every image whose COCO id ends in 7 (kept for independent checks).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from learn2steer.behaviours import Example
 from learn2steer.errors import InvalidInputError, MissingFileError
@@ -172,15 +172,6 @@ def pope_test_images() -> frozenset[int]:
 def is_reserved(image_id: int) -> bool:
     """Never for training, selection or tuning: POPE's 500 test images and every COCO id ending in 7."""
     return image_id % 10 == 7 or image_id in pope_test_images()
-
-
-def check_not_reserved(image_ids: Iterable[int], where: str) -> None:
-    """Refuse reserved images in training data (see :func:`is_reserved`)."""
-    bad = sorted(i for i in set(image_ids) if is_reserved(i))
-    if bad:
-        raise InvalidInputError(f"{where} uses {len(bad)} reserved COCO images (e.g. {bad[:3]}): POPE's 500 test "
-                                "images and ids ending in 7 are never used for training, selection or tuning; build "
-                                "training questions with `l2s data textpope`")
 
 
 # ---- POPE's sampling ----------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ The functions ``score_*_file`` score answers a user already has, with every mism
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from learn2steer.evaluation.metrics import (
 )
 from learn2steer.evaluation.scenes import COCO_GT_ENV, coco_gt_path
 from learn2steer.methods import Method
-from learn2steer.options import check_choices, flat_names, group_options, with_groups
+from learn2steer.options import check_choices, flat_names, group_options, load_entry_points, with_groups
 
 
 @dataclass
@@ -518,8 +517,7 @@ def make_task(name: str, *, spec: BehaviourSpec | None = None, judge: Judge | No
     return task_class(name).build(TaskInputs(spec, judge, task_options(name, options, **flat)))
 
 
-for _ep in importlib.metadata.entry_points(group="learn2steer.tasks"):
-    _ep.load()  # packages that register tasks of their own (before TaskOptions is built)
+load_entry_points("learn2steer.tasks")  # packages that register tasks of their own (before TaskOptions is built)
 
 
 @dataclass
