@@ -174,6 +174,10 @@ def test_text_pope_then_chair_with_pope_s_vectors_and_choices(tiny_llama, tmp_pa
         run_eval(EvalConfig(out=tmp_path / "x", task="pope", dataset=f"textpope:{tmp_path / 'data'}", scene=scene,
                             reuse=tmp_path / "pope", layers=[1], methods=["no_steering", "p2s"]), handle=tiny_llama,
                  progress=False)
+    with pytest.raises(InvalidInputError, match="chose no layer and alpha for cast"):
+        run_eval(EvalConfig(out=tmp_path / "z", task="chair", dataset="textchair:5", scene=scene,
+                            chair=ChairOptions(gt=gt), reuse=tmp_path / "pope", layers=[1, 2], methods=["cast"]),
+                 handle=tiny_llama, progress=False)
     with pytest.raises(InvalidInputError, match="holds no trained artifacts"):
         run_eval(EvalConfig(out=tmp_path / "y", task="pope", dataset=f"textpope:{tmp_path / 'data'}", scene=scene,
                             reuse=tmp_path / "chair", layers=[1], methods=["mean"]), handle=tiny_llama,

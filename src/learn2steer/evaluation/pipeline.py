@@ -251,7 +251,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         per_input = any(METHODS[m].per_input for m in methods)
         ctx_layers = [cfg.context_layer] if cfg.context_layer is not None else cfg.layers
         ex = None
-        reused = _reused(cfg, [m for m in steering if METHODS[m].per_input]) if cfg.reuse else None
+        reused = _reused(cfg, steering) if cfg.reuse else None
         if steering and reused is None:
             t = time.perf_counter()
             to_extract = train + ([e for e in test if e.id not in {x.id for x in train}] if per_input else [])
@@ -302,12 +302,13 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         return res
 
 
-def _reused(cfg: EvalConfig, per_input: list[str]
+def _reused(cfg: EvalConfig, steering: list[str]
             ) -> tuple[dict[int, dict[str, SteeringArtifact]], dict[str, tuple[int, float]]]:
     """The artifacts (by steering layer) and chosen cells of the run ``cfg.reuse`` (``--reuse``)."""
     from learn2steer._io import read_json
 
     src = Path(str(cfg.reuse))
+    per_input = [m for m in steering if METHODS[m].per_input]
     if per_input:
         raise InvalidInputError(f"--reuse takes another run's trained artifacts, but {', '.join(per_input)} need a "
                                 "per-input extraction of this run's data; leave them out of --methods")
@@ -319,6 +320,10 @@ def _reused(cfg: EvalConfig, per_input: list[str]
     chosen_file = src / "selection" / "chosen.json"
     chosen = ({k: (int(v[0]), float(v[1])) for k, v in read_json(chosen_file).items()}
               if chosen_file.exists() else {})
+    unchosen = [m for m in steering if chosen and (METHODS[m].tuned_as or m) not in chosen]
+    if unchosen:
+        raise InvalidInputError(f"--reuse {src} chose no layer and alpha for {', '.join(unchosen)}; leave them out of "
+                                "--methods or reuse a run that selected them")
     return arts, chosen
 
 
