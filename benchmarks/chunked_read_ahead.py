@@ -3,7 +3,7 @@
 ``.venv-serve/bin/python -m benchmarks.chunked_read_ahead --json OUT.json`` serves the embedded SmolLM2-135M-Instruct
 with chunked prefill on (a step budget of 32 tokens: the longer demo prompts span 2 chunks) and a random L2S
 predictor (L'=10 -> L*=12: its cost does not depend on what it learnt), then sends batches of 16 concurrent chat
-requests, variants interleaved, median of repetitions:
+requests, variants interleaved, medians of paired repetitions:
 
 * ``chunked_l2s_all_vs_plain_b16``: throughput (requests of 64 new tokens, ``ignore_eos``) with L2S at scope
   ``all`` (each request = a one-token read request, then the request itself) over the same requests unsteered;
@@ -19,11 +19,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,18 +28,10 @@ from typing import Any
 BUDGET = 32
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        out: dict = json.loads(r.read())
-        return out
-
-
 def main(reps: int = 3, tokens: int = 64, json_path: Path | None = None) -> dict[str, Any]:
-    import socket
-
     import torch
 
+    from benchmarks.serve_http import post, served
     from learn2steer.artifacts import SteeringArtifact
     from learn2steer.evaluation.datasets import demo_requests
     from learn2steer.models.loading import DEFAULT_MODEL_NAME
@@ -53,26 +42,11 @@ def main(reps: int = 3, tokens: int = 64, json_path: Path | None = None) -> dict
                            steer_layers=[12], context_layer=10, predictor=L2SNet(576, 576))
     tmp = Path(tempfile.mkdtemp(prefix="l2s-chunked-"))
     folder = art.save(tmp / "l2s")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     n = os.cpu_count() or 1
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    cmd = [sys.executable, "-m", "learn2steer", "serve", "--model", "default", "--artifact", f"l2s={folder}",
-           "--port", str(port), "--chunked-prefill", f"--vllm-args=--max-num-batched-tokens={BUDGET}",
-           "--vllm-args=--max-num-seqs=16", "--served-model-name", "m"]
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("the server stopped: " + (tmp / "server.log").read_text()[-2000:]) from None
-                time.sleep(1)
+    args = ["--model", "default", "--artifact", f"l2s={folder}", "--chunked-prefill",
+            f"--vllm-args=--max-num-batched-tokens={BUDGET}", "--vllm-args=--max-num-seqs=16",
+            "--served-model-name", "m"]
+    with served(args, log_dir=tmp) as base:
         questions = [e.question for e in demo_requests()[:16]]
         variants: dict[str, dict | None] = {"plain": None, "all": {"steer": "l2s", "scope": "all"},
                                             "generated": {"steer": "l2s", "scope": "generated"}}
@@ -84,7 +58,7 @@ def main(reps: int = 3, tokens: int = 64, json_path: Path | None = None) -> dict
                                         "return_token_ids": True}
                 if xargs is not None:
                     body["vllm_xargs"] = xargs
-                return _post(base + "/v1/chat/completions", body)
+                return post(base + "/v1/chat/completions", body)
 
             t = time.perf_counter()
             with ThreadPoolExecutor(len(questions)) as pool:
@@ -103,15 +77,12 @@ def main(reps: int = 3, tokens: int = 64, json_path: Path | None = None) -> dict
                 full[name].append(batch(x, tokens))
             for name in first:
                 first[name].append(batch(variants[name], 1))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
-    med = {k: statistics.median(v) for k, v in full.items()}
-    out = {"chunked_l2s_all_vs_plain_b16": med["plain"] / med["all"],
-           "chunked_l2s_generated_vs_plain_b16": med["plain"] / med["generated"],
-           "chunked_read_ahead_extra_ttft_ms": 1000 * (statistics.median(first["all"])
-                                                       - statistics.median(first["plain"])),
+    # paired: each repetition's variants ran back to back, so a slow spell of a shared machine cancels
+    out = {"chunked_l2s_all_vs_plain_b16": statistics.median(p / a for p, a in zip(full["plain"], full["all"])),
+           "chunked_l2s_generated_vs_plain_b16": statistics.median(
+               p / g for p, g in zip(full["plain"], full["generated"])),
+           "chunked_read_ahead_extra_ttft_ms": 1000 * statistics.median(
+               a - p for a, p in zip(first["all"], first["plain"])),
            "seconds": {"full": full, "first_token": first}, "budget_tokens": BUDGET, "new_tokens": tokens,
            "reps": reps, "batch": 16, "cpu_count": n}
     print(json.dumps({k: v for k, v in out.items() if k != "seconds"}, indent=1))

@@ -17,6 +17,10 @@ so every variant does the same work), greedy, variants interleaved, median of re
   same on the 128-wide, 4-layer tiny LLaVA of the tests, whose ~5 ms decoding steps make the plugin's fixed
   per-step work (``benchmarks/vllm_plan_probe.py``) a visible fraction: a lower bound, not what a real
   vision-language model sees.
+* over HTTP, each from an ``l2s serve`` of its own (not with ``--smoke``): ``chunked_l2s_all_vs_plain_b16`` /
+  ``chunked_l2s_generated_vs_plain_b16`` / ``chunked_read_ahead_extra_ttft_ms`` (chunked prefill with the paper's
+  scope, ``benchmarks/chunked_read_ahead.py``) and ``registry_churn_vs_quiet_b16`` (throughput while the runtime
+  registry replaces an artifact in use, over without: target >= 0.95; ``benchmarks/serve_http.py``).
 
 The L2S predictor has random weights: the cost of reading h, running g and adding v does not depend on
 what g learnt, and ``ignore_eos`` keeps the token count fixed. On a CPU, vLLM's worker is bound to every
@@ -122,9 +126,12 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
                        key="vllm_images_l2s_vs_plain_b16"))
     out.update(_images(reps, new_tokens, hidden_size=128, num_layers=4, steer=2, context=1,
                        key="vllm_images_tiny_l2s_vs_plain_b16"))
+    http = {} if smoke else _over_http(reps)
+    out.update(http)
     result = {**{k: out.get(k) for k in ("vllm_l2s_vs_plain_b16", "vllm_l2s_vs_plain_b64", "vllm_vs_hf_l2s_b16",
                                           "l2s_extra_ttft_ms", "vllm_deep_vs_plain_b16", "deep_read_extra_ttft_ms",
-                                          "vllm_images_l2s_vs_plain_b16", "vllm_images_tiny_l2s_vs_plain_b16")},
+                                          "vllm_images_l2s_vs_plain_b16", "vllm_images_tiny_l2s_vs_plain_b16",
+                                          *HTTP_FIGURES)},
               "details": out, "new_tokens": new_tokens, "reps": reps, "quick": quick, "smoke": smoke,
               "machine": finish({**facts, "device": "cuda" if torch.cuda.is_available() else "cpu",
                                  "vllm_cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
@@ -148,12 +155,36 @@ def main(*, quick: bool = False, smoke: bool = False, json_path: Path | None = N
                 result["vllm_images_l2s_vs_plain_b16"], ">= 0.95"),
                ("vLLM image requests L2S / plain throughput, batch 16 (tiny LLaVA 128 x 4: lower bound)",
                 result["vllm_images_tiny_l2s_vs_plain_b16"], "")]
-              if result["vllm_images_l2s_vs_plain_b16"] is not None else [])]
+              if result["vllm_images_l2s_vs_plain_b16"] is not None else []),
+            *([("l2s serve, chunked prefill (32-token steps): L2S at scope all / plain throughput, batch 16",
+                result["chunked_l2s_all_vs_plain_b16"], ""),
+               ("l2s serve, chunked prefill: L2S at scope generated / plain throughput, batch 16",
+                result["chunked_l2s_generated_vs_plain_b16"], ""),
+               ("l2s serve, chunked prefill: extra time to first token of the read-ahead, batch 16 (ms)",
+                result["chunked_read_ahead_extra_ttft_ms"], ""),
+               ("l2s serve: throughput while the registry replaces an artifact in use / without, batch 16",
+                result["registry_churn_vs_quiet_b16"], ">= 0.95")] if http else [])]
     print_table(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+#: the figures of `l2s serve` over HTTP (``benchmarks.chunked_read_ahead``, ``benchmarks.serve_http``)
+HTTP_FIGURES = ("chunked_l2s_all_vs_plain_b16", "chunked_l2s_generated_vs_plain_b16",
+                "chunked_read_ahead_extra_ttft_ms", "registry_churn_vs_quiet_b16")
+
+
+def _over_http(reps: int) -> dict[str, Any]:
+    """The serving figures, each from a server of its own: chunked prefill's read-ahead, the registry under churn."""
+    from benchmarks import chunked_read_ahead, serve_http
+
+    chunked = chunked_read_ahead.main(reps=reps)
+    registry = serve_http.main(reps=reps)
+    return {**{k: chunked[k] for k in HTTP_FIGURES if k in chunked},
+            "registry_churn_vs_quiet_b16": registry["registry_churn_vs_quiet_b16"],
+            "serve_chunked": chunked, "serve_registry": registry}
 
 
 def _images(reps: int, new_tokens: int, *, hidden_size: int, num_layers: int, steer: int, context: int,

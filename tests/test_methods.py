@@ -9,7 +9,7 @@ from helpers import examples
 from learn2steer.behaviours import load_behaviour
 from learn2steer.errors import InvalidInputError
 from learn2steer.extraction import extract
-from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, fingerprint, method
+from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, config_for, fingerprint, method, scales_artifact
 from learn2steer.predictor import TrainConfig
 from learn2steer.steering import FixedVectors, PredictedVectors
 from learn2steer.training import train_artifacts
@@ -140,3 +140,9 @@ def test_no_gate_is_an_option_of_l2s_spelled_l2s_nogate(setup, tmp_path) -> None
     mean = str(arts["mean"].save(tmp_path / "mean"))
     with pytest.raises(InvalidInputError, match="--method l2s_nogate does not apply to a mean artifact"):
         GenerateJob(prompt=["hi"], artifact=mean, method="l2s_nogate").method_config()
+
+
+def test_a_per_input_method_takes_its_scales_and_direction_from_its_entry_not_its_name() -> None:
+    assert scales_artifact(method("p2s")) == scales_artifact(method("norm_random")) == method("l2s").artifact
+    assert scales_artifact(method("mean")) is None and scales_artifact(method("no_steering")) is None
+    assert method("norm_random").random_direction and not method("p2s").random_direction

@@ -40,6 +40,7 @@ class Method:
     ``source``: ``nothing`` (no steering), ``instruction`` (the Prompt baseline: text, no vectors),
     ``artifact`` (a trained artifact: ``artifact`` names which), ``extraction`` (per-input P2S vectors of
     the very inputs being answered: an oracle that needs each input's contrastive answers).
+    ``random_direction``: an extraction method that keeps each P2S vector's norm and draws its direction (Norm-Rnd).
     """
 
     name: str
@@ -51,6 +52,7 @@ class Method:
     summary: str = ""
     #: a spelling's method (``l2s_nogate``: ``l2s``); None for a method itself
     spelling_of: str | None = None
+    random_direction: bool = False
 
     @property
     def base(self) -> str:
@@ -74,7 +76,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mean", "Mean-S", "artifact", "mean", summary="one mean P2S vector for every input (CAA)"),
     Method("mean_ba", "Mean-S(BA)", "artifact", "mean_ba", tuned_as="mean",
            summary="one mean vector with a single behaviour template for every input"),
-    Method("norm_random", "Norm-Rnd", "extraction", tuned_as="l2s",
+    Method("norm_random", "Norm-Rnd", "extraction", tuned_as="l2s", random_direction=True,
            summary="a random direction per input with the norm of its P2S vector"),
     Method("p2s", "P2S", "extraction", tuned_as="l2s", summary="each input's own P2S vector (oracle)"),
 )}
@@ -221,6 +223,14 @@ class MethodConfig:
         return FixedVectors(self.vector.rows([pos[i] for i in example_ids]))
 
 
+def scales_artifact(m: Method) -> str | None:
+    """The artifact whose training targets a per-input method applies (their per-group scalars): that of the method
+    it is tuned as (P2S and Norm-Rnd: L2S's, so the oracle steers with L2S's very targets); None for others."""
+    if not m.per_input or not m.tuned_as or m.tuned_as not in METHODS:
+        return None
+    return METHODS[m.tuned_as].artifact
+
+
 def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
                artifacts: Mapping[str, SteeringArtifact] | None = None, extraction: Extraction | None = None,
                layer: int | None = None, prompt: str = "", seed: int = 0,
@@ -229,9 +239,9 @@ def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
     """The :class:`MethodConfig` of a registered method, from trained artifacts (mean, mean_ba, l2s) or,
     for the per-input methods (p2s, norm_random), from an extraction of the inputs being answered.
 
-    ``p2s_scales``: the per-group scalars of the L2S training targets, which P2S applies too; by default
-    those recorded in ``artifacts["l2s"]`` (give them when that artifact was not trained with these targets,
-    e.g. the paper's released predictor). ``prompt_placement``: where the Prompt baseline's instruction goes
+    ``p2s_scales``: the per-group scalars of the L2S training targets, which P2S applies too; by default those
+    recorded in the artifact of :func:`scales_artifact` (give them when that artifact was not trained with these
+    targets, e.g. the paper's released predictor). ``prompt_placement``: where the Prompt baseline's instruction goes
     (the behaviour spec's ``prompt_placement``).
     """
     m = method(name)
@@ -250,9 +260,9 @@ def config_for(name: str, *, alpha: float = 1.0, scope: Scope | str = Scope.ALL,
     if extraction is None or layer is None:
         raise InvalidInputError(f"method {name!r} needs P2S vectors of the inputs it answers (an extraction) "
                                 "and the steering layer")
-    scales = p2s_scales if p2s_scales is not None else target_scales(arts.get("l2s"), layer)
+    scales = p2s_scales if p2s_scales is not None else target_scales(arts.get(scales_artifact(m) or ""), layer)
     z = p2s_vectors(extraction, layer, scales)
-    vecs = z if name == "p2s" else norm_random(z, seed=seed)
+    vecs = norm_random(z, seed=seed) if m.random_direction else z
     return MethodConfig(method=name, alpha=alpha, scope=scope, vector=vecs, row_ids=list(extraction.ids),
                         strength=strength)
 
@@ -272,7 +282,8 @@ def fingerprint(cfg: MethodConfig) -> str:
                         art.context_layer if art is not None else None,
                         art.context_read if art is not None else None,
                         art.gate if art is not None and cfg.gated else 0.0,
-                        cfg.row_ids, cfg.prompt if cfg.method == "prompt" else "", cfg.prompt_placement,
+                        cfg.row_ids, cfg.prompt if method(cfg.method).source == "instruction" else "",
+                        cfg.prompt_placement,
                         # only a non-default mode enters the hash, so answers computed before it existed still match
                         *([Strength.parse(cfg.strength).value] if cfg.strength != Strength.ABSOLUTE else []),
                         tensors=tensors)

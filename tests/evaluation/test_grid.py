@@ -103,3 +103,44 @@ def test_changed_vectors_are_recomputed_not_mixed(tmp_path) -> None:
     with pytest.warns(UserWarning, match="changed since"):
         run_grid(engine, exs, CELLS, other, TASK, tmp_path, batch_size=4, progress=False)
     assert engine.batches == 2, "both mean cells recomputed, the unchanged no-steering cell kept"
+
+
+class CountingEngine(FakeEngine):
+    """FakeEngine that records every example id it was asked to answer."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__(fail_after)
+        self.asked: list[str] = []
+
+    def answer(self, cfg, examples, **kw):
+        self.asked += [e.id for e in examples]
+        return super().answer(cfg, examples, **kw)
+
+
+def _with_repeats() -> list:
+    from dataclasses import replace
+
+    base = examples(4)  # POPE's splits share questions under other ids: repeat two inputs, and one with a new label
+    return base + [replace(base[0], id="again0", category="other"), replace(base[2], id="again2"),
+                   replace(base[1], id="relabelled1", label="no")]
+
+
+def test_a_repeated_input_is_answered_once_and_written_under_every_id(tmp_path) -> None:
+    exs = _with_repeats()
+    engine = CountingEngine()
+    res = run_grid(engine, exs, CELLS[:2], configure, TASK, tmp_path, batch_size=2, progress=False)
+    assert sorted(engine.asked) == sorted(["q0", "q1", "q2", "q3", "relabelled1"] * 2), "repeats are not generated"
+    for r in res:
+        assert r.responses[4] == r.responses[0] and r.responses[5] == r.responses[2] and len(r.responses) == 7
+    f = tmp_path / "cells" / "mean__L1__a0.5" / "generations.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    assert {r["id"]: r["category"] for r in rows}["again0"] == "other", "each id keeps its own row"
+
+
+def test_a_resumed_run_copies_an_input_answered_under_another_id(tmp_path) -> None:
+    exs = _with_repeats()
+    run_grid(FakeEngine(), exs[:4], CELLS[:1], configure, TASK, tmp_path, batch_size=2, progress=False)
+    engine = CountingEngine()
+    res = run_grid(engine, exs, CELLS[:1], configure, TASK, tmp_path, batch_size=2, progress=False)
+    assert engine.asked == ["relabelled1"], "again0 and again2 are copies of answers already saved"
+    assert res[0].responses[4] == res[0].responses[0]

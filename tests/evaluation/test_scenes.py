@@ -14,6 +14,7 @@ from learn2steer.evaluation.datasets import image_split, load_dataset
 from learn2steer.evaluation.metrics import ChairEvaluator
 from learn2steer.evaluation.scenes import (
     SceneOptions,
+    description_shots,
     few_shot_block,
     image_id_of,
     is_reserved,
@@ -143,5 +144,24 @@ def test_textchair_describes_pope_test_scenes(gt) -> None:
     assert reader.evaluate(perfect)["chair_s"] == 0.0 and reader.evaluate(perfect)["recall"] == 1.0
     with pytest.raises(InvalidInputError, match="1 to 500"):
         load_textchair(501, SceneOptions(gt=gt))
+
+
+def test_a_base_model_gets_solved_descriptions_of_other_non_reserved_scenes(gt) -> None:
+    coco = load_coco_objects(gt)
+    o = SceneOptions(gt=gt, few_shot=2)
+    shots = description_shots(coco, o)
+    assert description_shots(coco, SceneOptions(gt=gt)) == ""
+    blocks = [b for b in shots.split("\n\n") if b]
+    assert len(blocks) == 2 and all(b.count("\nAnswer: The scene shows ") == 1 for b in blocks)
+    reader = ChairEvaluator.from_files(gt)
+    shot_rows = sample_pope(coco, images=2, seed=o.seed + 1, per_image=1)["random"]
+    images = sorted({image_id_of(r["image"]) for r in shot_rows})
+    for b in blocks:  # each solved answer names exactly its scene's objects, and no reserved image is used
+        scene, answer = b.split("\n")[0][len("Scene: "):], b.split("\nAnswer: ")[1]
+        image = next(i for i in images if coco.scene(i, seed=o.seed) == scene)
+        assert not is_reserved(image) and sorted(reader.caption_objects(answer)) == coco.of(image)
+    exs = load_textchair(3, o)
+    assert all(e.question.startswith(shots) and e.question.count("Scene: ") == 3 for e in exs)
+    assert [e.question[len(shots):] for e in exs] == [e.question for e in load_textchair(3, SceneOptions(gt=gt))]
     with pytest.raises(InvalidInputError, match="number of scenes"):
         load_dataset("textchair:x", options=SceneOptions(gt=gt))

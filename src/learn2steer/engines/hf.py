@@ -119,8 +119,9 @@ class HFEngine:
         for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
                       leave=False):
             chunk = examples[i:i + batch_size]
+            rows = prompt_rows(cfg, chunk)
             provider = cfg.provider_for([e.id for e in chunk])
-            batch = build_inputs(self.handle, prompt_rows(cfg, chunk))
+            batch = build_inputs(self.handle, rows)
             with steering_for(self.handle, cfg, provider, batch, self.gen_kwargs):
                 flat = generate_tokens(self.handle, batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                        **self.gen_kwargs)

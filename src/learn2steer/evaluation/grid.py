@@ -8,6 +8,10 @@ Layout of ``out_dir``::
     cells/<method>__L<layer>__a<alpha>/metrics.json       the cell's figures
     results.json                                          every finished cell's figures (rewritten per cell)
 
+Examples that are the same input (question, image and label; :func:`input_key`) are answered once per cell
+and the answer is written under each of their ids: POPE's three official files share half their questions
+(5,127 distinct of 9,000), and greedy decoding answers a repeated input the same way.
+
 An interrupted run loses at most the batch in flight: on resume, a torn last line is cut, finished
 examples are skipped, and a cell whose method, vectors or settings changed starts afresh instead of
 mixing old answers in. Under ``torchrun`` the batches of all cells are dealt out to the ranks (each
@@ -94,6 +98,31 @@ def _done(cdir: Path) -> dict[str, str]:
     return done
 
 
+def input_key(e: Example) -> tuple[Any, ...]:
+    """What a greedy answer depends on besides the method: the question, the image and the label (a per-input
+    vector is extracted from the label's contrast). An image that is not a path or URL keeps its example apart."""
+    if e.image is None or isinstance(e.image, (str, Path)):
+        return ("input", e.question, None if e.image is None else str(e.image), e.label)
+    return ("id", e.id)
+
+
+def unique_inputs(examples: Sequence[Example]) -> list[Example]:
+    """The first example of each distinct input (:func:`input_key`), in order: the ones a cell generates for."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for e in examples:
+        k = input_key(e)
+        if k not in seen:
+            seen.add(k)
+            out.append(e)
+    return out
+
+
+def _rows(examples: Sequence[Example], answers: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"id": e.id, "question": e.question, "category": e.category, "response": a}
+            for e, a in zip(examples, answers)]
+
+
 def generate_cells(engine: Engine, examples: Sequence[Example], cells: Sequence[Cell],
                    configure: Callable[[Cell], MethodConfig], out_dir: str | Path, *, batch_size: int = 8,
                    max_new_tokens: int = 64, progress: bool = True, job: Ranks | None = None) -> dict[str, list[str]]:
@@ -121,17 +150,27 @@ def generate_cells(engine: Engine, examples: Sequence[Example], cells: Sequence[
             write_json(cdir / "cell.json", stamp)
     job.barrier()
     work: list[tuple[Cell, list[Example]]] = []
+    same: dict[tuple[str, tuple[Any, ...]], list[Example]] = {}  # (cell, input) -> the examples its answer is for
     for c in cells:
         done = _done(out / "cells" / c.name)
+        known = {input_key(e): done[e.id] for e in examples if e.id in done}
         todo = [e for e in examples if e.id not in done]
-        work += [(c, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
+        copies = [e for e in todo if input_key(e) in known]  # an input answered under another id (a resumed run)
+        if copies and job.is_main:
+            with JsonlAppender(_own_file(out / "cells" / c.name, job)) as appender:
+                appender.write_many(_rows(copies, [known[input_key(e)] for e in copies]))
+        todo = [e for e in todo if input_key(e) not in known]
+        for e in todo:
+            same.setdefault((c.name, input_key(e)), []).append(e)
+        reps = unique_inputs(todo)
+        work += [(c, reps[i:i + batch_size]) for i in range(0, len(reps), batch_size)]
     mine = job.deal(work)
     for c, chunk in tqdm(mine, desc="generate", unit="batch", disable=not progress or not mine):
         answers = generate_with(engine, configs[c.name], chunk, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=False)
+        groups = [same[(c.name, input_key(e))] for e in chunk]
         with JsonlAppender(_own_file(out / "cells" / c.name, job)) as appender:
-            appender.write_many({"id": e.id, "question": e.question, "category": e.category, "response": a}
-                         for e, a in zip(chunk, answers))
+            appender.write_many(r for g, a in zip(groups, answers) for r in _rows(g, [a] * len(g)))
     job.barrier()
     result: dict[str, list[str]] = {}
     for c in cells:

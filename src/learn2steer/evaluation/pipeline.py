@@ -31,12 +31,20 @@ from learn2steer.evaluation.datasets import (
     save_split,
     stratified_split,
 )
-from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid
+from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid, unique_inputs
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
 from learn2steer.evaluation.tasks import Task, TaskOptions, make_task, task_class
 from learn2steer.extraction import Extraction, extract
-from learn2steer.methods import METHODS, PAPER_METHODS, MethodConfig, artifacts_for, config_for, method
+from learn2steer.methods import (
+    METHODS,
+    PAPER_METHODS,
+    MethodConfig,
+    artifacts_for,
+    config_for,
+    method,
+    scales_artifact,
+)
 from learn2steer.models.loading import ModelHandle, ModelOptions
 from learn2steer.predictor import TrainConfig
 from learn2steer.rules import ScopeName, StrengthName, check_alphas
@@ -254,7 +262,9 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         reused = _reused(cfg, steering) if cfg.reuse else None
         if steering and reused is None:
             t = time.perf_counter()
-            to_extract = train + ([e for e in test if e.id not in {x.id for x in train}] if per_input else [])
+            # per-input methods need the test inputs' own vectors: one per distinct input, as the grid answers
+            to_extract = train + ([e for e in unique_inputs(test) if e.id not in {x.id for x in train}]
+                                  if per_input else [])
             ex = extract(handle, spec, to_extract, out / "extraction", steer_layers=cfg.layers,
                          context_layers=ctx_layers, batch_size=cfg.batch_size, progress=progress)
             timings["extract"] = time.perf_counter() - t
@@ -274,9 +284,10 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
             _train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
             if steering and ex is not None else {})
         # P2S uses the targets of the L2S trained here, also when another L2S artifact is evaluated
-        scales = {layer: target_scales(at_layer.get("l2s"), layer) for layer, at_layer in arts.items()}
+        source = next((a for a in (scales_artifact(METHODS[m]) for m in methods) if a), None)
+        scales = {layer: target_scales(at_layer.get(source or ""), layer) for layer, at_layer in arts.items()}
         if official is not None:
-            arts.setdefault(official.steer_layers[0], {})["l2s"] = official
+            arts.setdefault(official.steer_layers[0], {})[official.kind] = official
         timings["train"] = time.perf_counter() - t
         if chosen:
             cells = [Cell(m, None, 0.0) for m in methods if not METHODS[m].steers]
@@ -284,7 +295,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         else:
             cells = grid(methods, cfg.layers, cfg.alphas)
         t = time.perf_counter()
-        ex_test = ex.select([e.id for e in test]) if per_input and ex is not None else None
+        ex_test = ex.select([e.id for e in unique_inputs(test)]) if per_input and ex is not None else None
         results = run_grid(engine, test, cells, _configure(cfg, spec, arts, ex_test, scales), task, out / "test",
                            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress, job=job)
         timings["test"] = time.perf_counter() - t

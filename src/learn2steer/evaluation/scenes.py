@@ -267,7 +267,8 @@ class SceneOptions:
         "help": "Name every object by its COCO class (default: about half by a CHAIR synonym)."})
     seed: int = field(default=0, metadata={"help": "Seed of the scenes' wording and order (textchair: and images)."})
     few_shot: int = field(default=0, metadata={
-        "help": "Solved questions about other (non-reserved) scenes before each POPE question (base models)."})
+        "help": "Solved examples about other (non-reserved) scenes before each POPE question or description "
+                "request (base models)."})
     instruction: str = field(default=POPE_INSTRUCTION, metadata={"help": "The answer instruction after a question."})
 
     def __post_init__(self) -> None:
@@ -287,6 +288,17 @@ def few_shot_block(coco: CocoObjects, o: SceneOptions) -> str:
     rows = [shots[2 * k + k % 2] for k in range(o.few_shot)]  # scene k's yes question (even k) or no (odd k)
     return "".join(f"Scene: {_scene(coco, image_id_of(r['image']), o)}\nQuestion: {scene_question(r['text'])} "
                    f"{o.instruction}\nAnswer: {r['label'].capitalize()}\n\n" for r in rows)
+
+
+def description_shots(coco: CocoObjects, o: SceneOptions) -> str:
+    """``o.few_shot`` solved descriptions of seeded non-reserved scenes (the images of :func:`few_shot_block`), or
+    "": a base model shown "Answer:" with no example of a description starts a new line, which ends its answer."""
+    if not o.few_shot:
+        return ""
+    shots = sample_pope(coco, images=o.few_shot, seed=o.seed + 1, per_image=1)["random"]
+    images = list(dict.fromkeys(image_id_of(r["image"]) for r in shots))[:o.few_shot]
+    return "".join(f"Scene: {_scene(coco, i, o)}\n{DESCRIBE}\nAnswer: The scene shows "
+                   f"{_join([_article(n) for n in coco.of(i)])}.\n\n" for i in images)
 
 
 def pope_prompt(scene: str, question: str, o: SceneOptions, shots: str = "") -> str:
@@ -328,8 +340,9 @@ def load_textchair(n: int, options: SceneOptions | None = None) -> list[Example]
         raise InvalidInputError(f"textchair:N takes 1 to {len(pool)} scenes (POPE's test images), got {n!r}")
     coco = load_coco_objects(o.gt)
     ids = sorted(random.Random(o.seed).sample(pool, n))
-    return [Example(str(i), f"Scene: {_scene(coco, i, o)}\n{DESCRIBE}", None, "description", group=f"coco:{i}")
-            for i in ids]
+    shots = description_shots(coco, o)
+    return [Example(str(i), f"{shots}Scene: {_scene(coco, i, o)}\n{DESCRIBE}", None, "description",
+                    group=f"coco:{i}") for i in ids]
 
 
 @register_dataset("textpope", arg="FILE", options=SceneOptions, group="scene", behaviour="hallucination_text")
