@@ -106,8 +106,8 @@ def _hf(handle, cfg, examples) -> list[list[int]]:
 
 def _hf_row(handle, cfg, row: PromptRow) -> list[int]:
     """HF tokens of one row (a system message included), alone."""
-    batch = build_inputs(handle, [row])
-    with steering_for(handle, cfg, cfg.provider_for(["row"]), batch):
+    batch, steering = steering_for(handle, cfg, [Example("row", row.text, row.image)], rows=[row])
+    with steering:
         out = generate_tokens(handle, batch, max_new_tokens=N_NEW)
     return _strip(out[0], handle.tokenizer.eos_token_id)
 

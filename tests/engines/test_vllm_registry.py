@@ -329,3 +329,21 @@ def test_serve_checks_its_registry_before_starting(setup, monkeypatch) -> None:
 
 def _files_bytes(folder: Path) -> dict[str, bytes]:
     return {k: v[1] for k, v in _files(folder).items()}
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_gets_each_registered_version_before_using_it(setup) -> None:
+    """TP=2 (one core per rank): an artifact registered over HTTP, then replaced, steers each rank as HF does with
+    that version, token for token: every rank loads the version its request was pinned to."""
+    tmp, folder, handle, arts, dirs = setup
+    eos = handle.tokenizer.eos_token_id
+    args = ["--model", str(folder), "--enforce-eager", "--served-model-name", "tiny", "--max-model-len", "512",
+            "--registry", str(tmp / "reg-tp"), "--vllm-args=--tensor-parallel-size=2", "--vllm-args=--block-size=32"]
+    env = {**os.environ, "L2S_ADMIN_KEY": KEY, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with l2s_server(args, tmp / "server-tp.log", env=env, start_timeout=900) as base:
+        for name in ("l2s_a", "l2s_b"):
+            r = _put(base, "live", _files(dirs[name]))
+            assert r.status_code in (200, 201), r.text
+            for qq in QUESTIONS[:2]:
+                assert _tokens(base, qq, {"steer": "live"}, eos) == _hf(handle, arts[name], qq), (name, qq)
+        assert _tokens(base, QUESTIONS[0], None, eos) == _hf(handle, None, QUESTIONS[0])

@@ -21,9 +21,9 @@ from learn2steer.behaviours import Example
 from learn2steer.methods import MethodConfig, prompt_rows
 from learn2steer.models.calls import passes_cache
 from learn2steer.models.loading import ModelHandle
-from learn2steer.models.prompts import Batch, bare_prompts, build_inputs
+from learn2steer.models.prompts import Batch, PromptRow, bare_prompts, build_inputs
 from learn2steer.rules import predict_checked, reads_after_writing
-from learn2steer.steering import FixedVectors, PredictedVectors, VectorProvider, steer
+from learn2steer.steering import FixedVectors, PredictedVectors, steer
 from learn2steer.vectors import SteeringVector
 
 
@@ -67,11 +67,17 @@ def _prompt_in_pieces(gen_kwargs: dict[str, Any]) -> bool:
     return gen_kwargs.get("prefill_chunk_size") is not None or passes_cache(gen_kwargs)
 
 
-def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvider | None, batch: Batch,
-                 gen_kwargs: dict[str, Any] | None = None) -> AbstractContextManager[None]:
-    """The steering context for generating ``batch`` under ``cfg`` (a no-op for unsteered methods)."""
+def steering_for(handle: ModelHandle, cfg: MethodConfig, examples: Sequence[Example],
+                 gen_kwargs: dict[str, Any] | None = None, *, rows: Sequence[PromptRow] | None = None
+                 ) -> tuple[Batch, AbstractContextManager[None]]:
+    """The batch of ``examples`` under ``cfg`` and the steering context to generate it in (a no-op for unsteered
+    methods): everything one batch needs, in the order it is needed. ``rows``: prompt rows built by the caller
+    (e.g. with a system message) instead of ``cfg``'s rows of the examples; ``examples`` still name the rows."""
+    rows = prompt_rows(cfg, examples) if rows is None else list(rows)
+    provider = cfg.provider_for([e.id for e in examples])
+    batch = build_inputs(handle, rows)
     if provider is None:
-        return nullcontext()
+        return batch, nullcontext()
     if isinstance(provider, PredictedVectors):
         ctx = handle.check_layer(provider.context_layer)
         writes = [handle.check_layer(x) for x in provider.steer_layers]
@@ -87,7 +93,7 @@ def steering_for(handle: ModelHandle, cfg: MethodConfig, provider: VectorProvide
                 h = read(handle, batch, [site])[site]
             v = predict_checked(provider.predict, h).float().cpu()
             provider = FixedVectors(SteeringVector({layer: v for layer in writes}))
-    return steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch, strength=cfg.strength)
+    return batch, steer(handle, provider, alpha=cfg.alpha, scope=cfg.scope, batch=batch, strength=cfg.strength)
 
 
 @dataclass
@@ -119,10 +125,8 @@ class HFEngine:
         for i in tqdm(range(0, len(examples), batch_size), desc=f"generate [{cfg.method}]", disable=not progress,
                       leave=False):
             chunk = examples[i:i + batch_size]
-            rows = prompt_rows(cfg, chunk)
-            provider = cfg.provider_for([e.id for e in chunk])
-            batch = build_inputs(self.handle, rows)
-            with steering_for(self.handle, cfg, provider, batch, self.gen_kwargs):
+            batch, steering = steering_for(self.handle, cfg, chunk, self.gen_kwargs)
+            with steering:
                 flat = generate_tokens(self.handle, batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                        **self.gen_kwargs)
             out.extend(flat[k * n:(k + 1) * n] for k in range(len(chunk)))
