@@ -44,8 +44,7 @@ class DemoConfig:
     model: str = field(default="default", metadata={
         "help": "default (SmolLM2-135M-Instruct) | gemma3-270m (Gemma-3-270M base; bash scripts/setup.sh --gemma)."})
     quick: bool = field(default=False, metadata={
-        "help": "A smaller split and grid (safety: about 3 minutes alone on 2 cores; hallucination: 25-30 minutes "
-                "measured on a shared 2-core machine)."})
+        "help": "A smaller split and grid (safety: about 3 minutes alone on 2 cores; hallucination: about 4)."})
     behaviour: str | None = field(default=None, metadata={
         "help": "Behaviour spec (default: safety_refusal, or hallucination_text; the paper's `safety` is shipped "
                 "too: it does not make this small model refuse)."})
