@@ -149,26 +149,30 @@ def generate_cells(engine: Engine, examples: Sequence[Example], cells: Sequence[
                     (cdir / name).unlink(missing_ok=True)
             write_json(cdir / "cell.json", stamp)
     job.barrier()
+    keys = {e.id: input_key(e) for e in examples}
     work: list[tuple[Cell, list[Example]]] = []
     same: dict[tuple[str, tuple[Any, ...]], list[Example]] = {}  # (cell, input) -> the examples its answer is for
     for c in cells:
         done = _done(out / "cells" / c.name)
-        known = {input_key(e): done[e.id] for e in examples if e.id in done}
+        known = {keys[e.id]: done[e.id] for e in examples if e.id in done}
         todo = [e for e in examples if e.id not in done]
-        copies = [e for e in todo if input_key(e) in known]  # an input answered under another id (a resumed run)
+        copies = [e for e in todo if keys[e.id] in known]  # an input answered under another id (a resumed run)
         if copies and job.is_main:
             with JsonlAppender(_own_file(out / "cells" / c.name, job)) as appender:
-                appender.write_many(_rows(copies, [known[input_key(e)] for e in copies]))
-        todo = [e for e in todo if input_key(e) not in known]
+                appender.write_many(_rows(copies, [known[keys[e.id]] for e in copies]))
+        reps = []  # the first example of each input still to answer, in order
         for e in todo:
-            same.setdefault((c.name, input_key(e)), []).append(e)
-        reps = unique_inputs(todo)
+            if keys[e.id] not in known:
+                group = same.setdefault((c.name, keys[e.id]), [])
+                if not group:
+                    reps.append(e)
+                group.append(e)
         work += [(c, reps[i:i + batch_size]) for i in range(0, len(reps), batch_size)]
     mine = job.deal(work)
     for c, chunk in tqdm(mine, desc="generate", unit="batch", disable=not progress or not mine):
         answers = generate_with(engine, configs[c.name], chunk, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=False)
-        groups = [same[(c.name, input_key(e))] for e in chunk]
+        groups = [same[(c.name, keys[e.id])] for e in chunk]
         with JsonlAppender(_own_file(out / "cells" / c.name, job)) as appender:
             appender.write_many(r for g, a in zip(groups, answers) for r in _rows(g, [a] * len(g)))
     job.barrier()

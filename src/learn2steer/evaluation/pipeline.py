@@ -257,13 +257,14 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         official = _load_l2s_artifact(cfg, handle)
         steering = [m for m in methods if METHODS[m].steers]
         per_input = any(METHODS[m].per_input for m in methods)
+        distinct_test = unique_inputs(test)  # the test inputs the grid answers and per-input methods extract
         ctx_layers = [cfg.context_layer] if cfg.context_layer is not None else cfg.layers
         ex = None
         reused = _reused(cfg, steering) if cfg.reuse else None
         if steering and reused is None:
             t = time.perf_counter()
             # per-input methods need the test inputs' own vectors: one per distinct input, as the grid answers
-            to_extract = train + ([e for e in unique_inputs(test) if e.id not in {x.id for x in train}]
+            to_extract = train + ([e for e in distinct_test if e.id not in {x.id for x in train}]
                                   if per_input else [])
             ex = extract(handle, spec, to_extract, out / "extraction", steer_layers=cfg.layers,
                          context_layers=ctx_layers, batch_size=cfg.batch_size, progress=progress)
@@ -295,7 +296,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         else:
             cells = grid(methods, cfg.layers, cfg.alphas)
         t = time.perf_counter()
-        ex_test = ex.select([e.id for e in unique_inputs(test)]) if per_input and ex is not None else None
+        ex_test = ex.select([e.id for e in distinct_test]) if per_input and ex is not None else None
         results = run_grid(engine, test, cells, _configure(cfg, spec, arts, ex_test, scales), task, out / "test",
                            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress, job=job)
         timings["test"] = time.perf_counter() - t

@@ -280,11 +280,17 @@ def _scene(coco: CocoObjects, image_id: int, o: SceneOptions) -> str:
     return coco.scene(image_id, seed=o.seed, canonical=o.canonical)
 
 
+def _shot_questions(coco: CocoObjects, o: SceneOptions) -> list[dict[str, Any]]:
+    """The solved examples' source: one yes and one no question about each of ``o.few_shot`` seeded non-reserved
+    images (POPE's random rule), image by image."""
+    return sample_pope(coco, images=o.few_shot, seed=o.seed + 1, per_image=1)["random"]
+
+
 def few_shot_block(coco: CocoObjects, o: SceneOptions) -> str:
     """``o.few_shot`` solved questions (alternately yes and no) about seeded non-reserved scenes, or ""."""
     if not o.few_shot:
         return ""
-    shots = sample_pope(coco, images=o.few_shot, seed=o.seed + 1, per_image=1)["random"]
+    shots = _shot_questions(coco, o)
     rows = [shots[2 * k + k % 2] for k in range(o.few_shot)]  # scene k's yes question (even k) or no (odd k)
     return "".join(f"Scene: {_scene(coco, image_id_of(r['image']), o)}\nQuestion: {scene_question(r['text'])} "
                    f"{o.instruction}\nAnswer: {r['label'].capitalize()}\n\n" for r in rows)
@@ -295,8 +301,7 @@ def description_shots(coco: CocoObjects, o: SceneOptions) -> str:
     "": a base model shown "Answer:" with no example of a description starts a new line, which ends its answer."""
     if not o.few_shot:
         return ""
-    shots = sample_pope(coco, images=o.few_shot, seed=o.seed + 1, per_image=1)["random"]
-    images = list(dict.fromkeys(image_id_of(r["image"]) for r in shots))[:o.few_shot]
+    images = list(dict.fromkeys(image_id_of(r["image"]) for r in _shot_questions(coco, o)))[:o.few_shot]
     return "".join(f"Scene: {_scene(coco, i, o)}\n{DESCRIBE}\nAnswer: The scene shows "
                    f"{_join([_article(n) for n in coco.of(i)])}.\n\n" for i in images)
 
