@@ -110,3 +110,25 @@ def test_the_vllm_protocol_reads_a_cast_artifact_like_any_predictor(tmp_path) ->
     assert req is not None and req.meta.kind == "cast" and req.meta.reads_context
     assert req.salt([1, 2]) != req.salt([1, 3]), "a predicted vector depends on the whole prompt"
     check_request(req, EngineLimits(hidden_size=d, num_layers=n, chunked_prefill=False))
+
+
+def test_a_behaviour_s_condition_labels_choose_the_rows_and_change_no_extraction(tiny_llama, tmp_path) -> None:
+    """Text-form POPE: CAST's condition holds for the questions whose answer is "no" (condition_labels), and the
+    field stays out of the behaviour's fingerprint, so an extraction made before it resumes under it."""
+    from dataclasses import replace
+
+    from learn2steer.behaviours import Example
+    from learn2steer.cast import condition_rows
+
+    spec = load_behaviour("hallucination_text")
+    assert spec.condition_labels == ["no"]
+    exs = [Example(f"q{i}", f"Scene: a dog and a cat. Is there a {o} in the scene?", label=lab)
+           for i, (o, lab) in enumerate([("dog", "yes"), ("car", "no"), ("cat", "yes"), ("bus", "no")])]
+    without = replace(spec, condition_labels=[])
+    assert without.fingerprint == spec.fingerprint and without.to_dict() != spec.to_dict()
+    extract(tiny_llama, without, exs, tmp_path / "ex", steer_layers=[1], context_layers=[1], progress=False)
+    ex = extract(tiny_llama, spec, exs, tmp_path / "ex", steer_layers=[1], context_layers=[1], progress=False)
+    assert ex.behaviour_spec is not None and ex.behaviour_spec["condition_labels"] == ["no"], "the index took it"
+    assert condition_rows(ex).tolist() == [False, True, False, True]
+    with pytest.raises(Exception, match="not among its labels"):
+        replace(spec, condition_labels=["maybe"])

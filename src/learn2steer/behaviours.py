@@ -94,10 +94,16 @@ class BehaviourSpec:
     end_offset: dict[str, int] = field(default_factory=dict)
     context_read: ContextPosition = "prompt_last"
     prompt_placement: PromptPlacement = "system"
+    #: the labels of the inputs a conditional method (CAST) should steer (text-form POPE: "no"); empty: its
+    #: decline / defer groups, else every input with a contrast
+    condition_labels: list[str] = field(default_factory=list)
 
     # fields added after 0.2: left out of ``to_dict`` at their defaults, so older specs keep their fingerprint
     _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"end_offset": {}, "context_read": "prompt_last",
-                                                "prompt_placement": "system"}
+                                                "prompt_placement": "system", "condition_labels": []}
+    # fields that change no extracted tensor (which inputs a conditional method steers): out of the fingerprint,
+    # so a finished extraction resumes when only they change
+    _NOT_EXTRACTED: ClassVar[tuple[str, ...]] = ("condition_labels",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -123,6 +129,10 @@ class BehaviourSpec:
             raise InvalidInputError(f"behaviour {self.name!r}: end_offset must map categories to whole numbers >= 0")
         if self.end_offset and self.position != "turn_end":
             raise InvalidInputError(f"behaviour {self.name!r}: end_offset only applies to the position turn_end")
+        unknown_labels = sorted(set(self.condition_labels) - set(self.labels))
+        if unknown_labels:
+            raise InvalidInputError(f"behaviour {self.name!r}: condition_labels {unknown_labels} are not among its "
+                                    f"labels ({', '.join(sorted(self.labels)) or 'none'})")
 
     @property
     def position(self) -> ContrastPosition:
@@ -176,8 +186,9 @@ class BehaviourSpec:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the spec: an extraction refuses to resume under a changed spec."""
-        return fingerprint(self.to_dict())
+        """A short hash of the spec: an extraction refuses to resume under a changed spec (fields that change no
+        extracted tensor left out)."""
+        return fingerprint({k: v for k, v in self.to_dict().items() if k not in self._NOT_EXTRACTED})
 
     def group(self, category: str | None) -> str:
         """``decline`` / ``defer`` / ``other`` for a category, from the spec's ``decline_groups`` / ``defer_groups``.

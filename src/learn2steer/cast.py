@@ -9,8 +9,9 @@ a vector per input, CAST switches a fixed one on or off. The paper discusses CAS
 Trained here from the same extraction rows as L2S, with the behaviour spec's own split of inputs:
 
 * the condition holds for the inputs of the behaviour's decline and defer groups (refuse; refer to an
-  expert) and not for the others (answer normally); a behaviour without groups: the inputs with a
-  non-zero contrast;
+  expert) and not for the others (answer normally); a behaviour with ``condition_labels`` (text-form POPE:
+  "no", steer where the object is absent): the inputs with those labels; a behaviour with neither: the
+  inputs with a non-zero contrast;
 * condition direction: difference of the two groups' mean hidden states at L' (after subtracting the
   overall mean; the first principal direction of the contrast in IBM's activation-steering library);
 * behaviour vector: the mean P2S vector at L* over the inputs the condition holds for;
@@ -147,9 +148,16 @@ def _build(cfg: dict[str, Any]) -> nn.Module:
 
 
 def condition_rows(ex: Extraction) -> torch.Tensor:
-    """Bool ``[N]``: the inputs CAST's condition should hold for: those of the behaviour's decline and defer
-    groups (refuse, refer to an expert), or, for a behaviour without groups, those with a non-zero contrast."""
+    """Bool ``[N]``: the inputs CAST's condition should hold for: those whose label is one of the behaviour's
+    ``condition_labels`` (text-form POPE: "no", the object is absent), else those of its decline and defer
+    groups (refuse, refer to an expert), else, for a behaviour with neither, those with a non-zero contrast."""
     spec = ex.behaviour_spec or {}
+    labels = set(spec.get("condition_labels") or [])
+    if labels:
+        if len(ex.labels) != len(ex.ids):
+            raise IncompatibleArtifactError("this behaviour's CAST condition is on labels, and the extraction has "
+                                            "none; extract from a labelled dataset")
+        return torch.tensor([lab in labels for lab in ex.labels], dtype=torch.bool)
     groups = set(spec.get("decline_groups") or []) | set(spec.get("defer_groups") or [])
     return torch.tensor([c in groups if groups else c != ZERO for c in ex.contrasts], dtype=torch.bool)
 

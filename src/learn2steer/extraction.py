@@ -251,6 +251,10 @@ def extract_to(handle: ModelHandle, spec: BehaviourSpec, examples: Sequence[Exam
                 diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
                 raise InvalidInputError(f"{out} already holds an extraction with other settings {diff}; "
                                         "use another output folder or delete it")
+            if index is not None and index.get("behaviour_spec") != spec.to_dict():
+                # the same fingerprint: only fields that change no tensor moved (e.g. condition_labels); the
+                # index keeps the spec the artifacts are trained under
+                write_json(index_path, {**index, "behaviour_spec": spec.to_dict()})
             if index is None:
                 write_json(index_path, {
                     "settings": settings, "version": __version__,

@@ -179,3 +179,20 @@ def test_chair_config_selects_images_and_asks_the_official_prompt() -> None:
     exs = cfg.load()
     assert len(exs) == 5 and {e.question for e in exs} == {"Describe the image in detail."}
     assert read_config("llava15_7b_chair.yaml")["chair_images"] == 500
+
+
+def test_the_demo_set_takes_solved_questions_for_base_models() -> None:
+    """``--demo-few-shot K``: K solved benign questions (none from the set) before each request, which keeps its
+    id and category; the safety demo gives a base model (Gemma-3-270M) 2 and the instruction-tuned one none."""
+    from learn2steer.evaluation.datasets import DEMO_SHOTS, DemoOptions
+    from learn2steer.evaluation.demo import DemoConfig, demo_eval_config
+
+    plain, shot = demo_requests(), load_dataset("demo", options={"demo": {"few_shot": 2}})
+    assert [(e.id, e.category) for e in shot] == [(e.id, e.category) for e in plain]
+    for p, s in zip(plain, shot):
+        assert s.question.endswith(f"\n\nQuestion: {p.question}") and s.question.count("\nAnswer: ") == 2
+    assert not {q for q, _ in DEMO_SHOTS} & {e.question for e in plain}, "a solved question is never a request"
+    with pytest.raises(InvalidInputError, match="between 0 and 2"):
+        demo_requests(3)
+    assert demo_eval_config(DemoConfig(model="gemma3-270m")).demo == DemoOptions(few_shot=2)
+    assert demo_eval_config(DemoConfig()).demo == DemoOptions(few_shot=0)

@@ -139,9 +139,24 @@ def test_a_given_l2s_artifact_is_evaluated_and_p2s_keeps_the_trained_targets(tin
     with pytest.raises(InvalidInputError, match="add it to --layers"):
         run_eval(EvalConfig(out=tmp_path / "x", l2s_artifact=str(tmp_path / "given"), **{**base, "layers": [2]}),
                  handle=tiny_llama, progress=False)
-    with pytest.raises(InvalidInputError, match="give an L2S one"):
+    with pytest.raises(InvalidInputError, match="is a fixed artifact; l2s steers with l2s artifacts"):
         run_eval(EvalConfig(out=tmp_path / "y", l2s_artifact=str(tmp_path / "trained" / "artifacts" / "L1" / "mean"),
                             **base), handle=tiny_llama, progress=False)
+    # the general spelling: any artifact method, here Mean-S's vector negated; L2S keeps the trained one
+    mean = SteeringArtifact.load(tmp_path / "trained" / "artifacts" / "L1" / "mean")
+    assert mean.vector is not None
+    mean.vector = mean.vector.map(lambda v: -v)
+    mean.save(tmp_path / "given_mean")
+    run_eval(EvalConfig(out=tmp_path / "with_mean", artifacts=[f"mean={tmp_path / 'given_mean'}"], **base),
+             handle=tiny_llama, progress=False)
+    assert stamp("with_mean", "mean__L1__a1") == fingerprint(config_for("mean", artifacts={
+        "mean": SteeringArtifact.load(tmp_path / "given_mean")}))
+    assert stamp("with_mean", "mean__L1__a1") != stamp("trained", "mean__L1__a1")
+    assert stamp("with_mean", "l2s__L1__a1") == stamp("trained", "l2s__L1__a1")
+    for bad, says in ((["mean"], "METHOD=PATH"), (["prompt=x"], "steers with no trained artifact"),
+                      (["cast=x"], "not among --methods"), (["mean=a", "mean=b"], "twice")):
+        with pytest.raises(InvalidInputError, match=says):
+            EvalConfig(out=tmp_path / "z", artifacts=bad, **base)
 
 
 def test_text_pope_then_chair_with_pope_s_vectors_and_choices(tiny_llama, tmp_path) -> None:

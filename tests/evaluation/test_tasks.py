@@ -274,3 +274,22 @@ def test_paper_rule_judges_degenerate_answers_as_the_official_script_does(tmp_pa
     s = SafetyTask(spec, Judged(), rule="paper_strict").score(exs, resp)
     assert s.metrics["scoring_rule"] == "paper_strict" and s.metrics["unsafe_score_0.5"] == 1.0
     assert SafetyTask(spec, Judged(), rule="clean").score(exs, resp).per_example[0]["unsafe_prob"] == 1.0
+
+
+def test_chair_reports_answer_length_for_text_scenes_and_keeps_0_3_s_columns_for_images() -> None:
+    """mean_words is on by default for descriptions of text scenes (no image) and off for image captions, so a 0.3
+    image CHAIR report is unchanged; ``--chair-words`` sets it either way."""
+    from learn2steer.behaviours import Example
+    from learn2steer.evaluation.metrics import ChairEvaluator
+
+    ev = ChairEvaluator(gt={"1": {"dog"}}, objects={"dog"}, inverse={"dog": "dog"}, double={})
+    text = [Example("1", "Describe the scene.")]
+    image = [Example("1", "Describe the image.", image="COCO_val2014_000000000001.jpg")]
+    answer = ["A dog runs on the grass."]
+    assert ChairTask(ev).score(text, answer).metrics["mean_words"] == 6
+    assert "mean_words" not in ChairTask(ev).score(image, answer).metrics
+    assert "mean_words" not in ChairTask(ev).headline(ChairTask(ev).score(image, answer).metrics)
+    assert ChairTask(ev, words=True).score(image, answer).metrics["mean_words"] == 6
+    assert "mean_words" not in ChairTask(ev, words=False).score(text, answer).metrics
+    assert ChairTask(ev).noted_numbers(["chair_s", "mean_words"]) == ["mean_words"]
+    assert ChairTask(ev).noted_numbers(["chair_s"]) == [], "an image table's note is 0.3's: 'Figures in %.'"

@@ -80,10 +80,26 @@ def load_jsonl(path: str | Path, *, image_root: str | Path | None = None) -> lis
     return out
 
 
-def demo_requests() -> list[Example]:
-    """The bundled demo set: must-decline requests, expert consultations and benign questions."""
+#: solved benign questions (none of them in the demo set) that a base model sees before each demo request
+#: (``--demo-few-shot``): shown only "Answer:", Gemma-3-270M starts a new line, which ends its answer (74% of its
+#: demo answers were empty without them)
+DEMO_SHOTS: tuple[tuple[str, str], ...] = (
+    ("Why is the sea salty?", "Rivers carry salts washed out of rocks into the sea, and they stay there when the "
+                              "water evaporates."),
+    ("How do I make a cup of tea?", "Boil water, pour it over a tea bag in a cup, wait three minutes, then take "
+                                    "the bag out and add milk if you like."),
+)
+
+
+def demo_requests(few_shot: int = 0) -> list[Example]:
+    """The bundled demo set: must-decline requests, expert consultations and benign questions; with ``few_shot``
+    solved questions of :data:`DEMO_SHOTS` before each one (the form a base model then follows)."""
+    if not 0 <= few_shot <= len(DEMO_SHOTS):
+        raise InvalidInputError(f"demo few_shot must be between 0 and {len(DEMO_SHOTS)}, got {few_shot}")
     rows = read_jsonl((resources.files("learn2steer.data.demo") / "safety_requests.jsonl").read_text().splitlines())
-    return [Example(r["id"], r["question"], None, r["category"]) for r in rows]
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in DEMO_SHOTS[:few_shot])
+    return [Example(r["id"], f"{shots}Question: {r['question']}" if few_shot else r["question"], None, r["category"])
+            for r in rows]
 
 
 def load_mmsafetybench(root: str | Path, *, question_field: str | None = None, images: str = "none",
@@ -205,6 +221,15 @@ class MmsbOptions:
 
 
 @dataclass
+class DemoOptions:
+    """The bundled demo requests (``demo``): solved examples before each one, for base models."""
+
+    few_shot: int = field(default=0, metadata={
+        "help": f"demo: solved benign questions before each request (0-{len(DEMO_SHOTS)}; `l2s demo` gives a base "
+                "model 2, which otherwise starts a new line after 'Answer:' and so ends its answer)."})
+
+
+@dataclass
 class ChairImageOptions:
     """CHAIR captioning over a COCO folder (``chair:IMAGE_DIR``): which images."""
 
@@ -265,9 +290,10 @@ def register_dataset(name: str, *, arg: str | None = None, options: type | None 
     return register
 
 
-@register_dataset("demo")
+@register_dataset("demo", options=DemoOptions)
 def _demo(arg: str, ctx: LoadContext) -> list[Example]:
-    return demo_requests()
+    o: DemoOptions = ctx.options or DemoOptions()
+    return demo_requests(o.few_shot)
 
 
 @register_dataset("jsonl", arg="FILE")

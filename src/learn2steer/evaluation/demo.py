@@ -18,6 +18,7 @@ import torch
 from learn2steer._io import read_json, write_json
 from learn2steer.engines import EngineName
 from learn2steer.errors import MissingFileError
+from learn2steer.evaluation.datasets import DemoOptions
 from learn2steer.evaluation.pipeline import EvalConfig, EvalResult, run_eval
 from learn2steer.evaluation.scenes import COCO_GT_ENV, SceneOptions, load_coco_objects, sample_pope, write_pope_files
 from learn2steer.evaluation.tasks import ChairOptions
@@ -75,6 +76,9 @@ def demo_eval_config(cfg: DemoConfig) -> EvalConfig:
         # small-model settings, measured on SmolLM2-135M (docs/DEMO.md); the paper's are TrainConfig's defaults
         train=TrainConfig(seed=cfg.seed, epochs=200, lr=3e-3, standardize=True, l1=0.0, cosine=0.0,
                           val_fraction=0.2, threads=cfg.threads))
+    emb = embedded_model(cfg.model)
+    if emb and emb.base:  # a base model answers in the form of two solved questions (DemoOptions)
+        base["demo"] = DemoOptions(few_shot=2)
     if cfg.quick:
         base.update(layers=[12], alphas=[1.0, 1.5], max_new_tokens=28, train_limit=100, test_limit=42)
     return EvalConfig(**base)
@@ -132,9 +136,9 @@ def run_demo(cfg: DemoConfig, handle: ModelHandle | None = None, *, progress: bo
 # ---- the hallucination half: text-form POPE and CHAIR --------------------------------------------------------
 
 #: the methods of the hallucination demo: the paper's table (no steering, Prompt, Mean-S, Mean-S(BA), Norm-Rnd,
-#: L2S, the P2S oracle). Not CAST: its condition separates inputs to steer from inputs to leave alone, and every
-#: POPE question has a contrast (T+ is the true answer, whichever it is), so it trains nothing here
-HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_random", "l2s", "p2s"]
+#: L2S, the P2S oracle) and CAST, whose condition (the behaviour's ``condition_labels``) is "the object is absent":
+#: it adds the mean "no" vector where its condition holds and leaves the other questions alone
+HALLUCINATION_METHODS = ["no_steering", "prompt", "mean", "mean_ba", "norm_random", "cast", "l2s", "p2s"]
 
 
 def _hallucination_data(cfg: DemoConfig) -> tuple[Path, str]:

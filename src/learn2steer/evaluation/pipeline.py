@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from learn2steer._io import FolderLock, write_json
 from learn2steer._version import __version__
-from learn2steer.artifacts import SteeringArtifact
+from learn2steer.artifacts import PREDICTORS, SteeringArtifact
 from learn2steer.behaviours import BehaviourSpec, Example, load_behaviour
 from learn2steer.distributed import Ranks, ranks
 from learn2steer.engines import Engine, EngineName, make_engine
@@ -83,9 +83,12 @@ class EvalConfig(ModelOptions, DataOptions, TaskOptions):
     seed: int = field(default=0, metadata={"help": "Seed of splits, training and Norm-Rnd."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "L2S training settings.",
                                                                       "prefix": "train"})
+    artifacts: list[str] = field(default_factory=list, metadata={
+        "help": "METHOD=PATH[,METHOD=PATH]: evaluate these artifacts instead of the ones trained here (e.g. "
+                "l2s=DIR, the paper's released predictor from `l2s import-official`); each must be of the kind "
+                "METHOD steers with and its L* among --layers."})
     l2s_artifact: str | None = field(default=None, metadata={
-        "help": "Evaluate this L2S artifact instead of the one trained here (e.g. the paper's released predictor, "
-                "from `l2s import-official`); its L* must be among --layers."})
+        "help": "The 0.3 spelling of --artifacts l2s=PATH."})
     rescale: bool = field(default=True, metadata={
         "help": "Rescale L2S targets per contrast group to the behaviour's rescale_group (official)."})
     gate: bool = field(default=False, metadata={
@@ -123,6 +126,7 @@ class EvalConfig(ModelOptions, DataOptions, TaskOptions):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a whole number >= 1, got {v!r}")
         task_class(self.task).check(self.task_options(self.task))  # an unknown task, or options it cannot run with
+        given_artifacts(self)  # each METHOD=PATH names a listed method that steers with an artifact
 
 
 @dataclass
@@ -180,17 +184,44 @@ def split_data(cfg: EvalConfig, task: Task, out: Path) -> tuple[list[Example], l
     return train, test
 
 
-def _load_l2s_artifact(cfg: EvalConfig, handle: ModelHandle) -> SteeringArtifact | None:
-    """The L2S artifact to evaluate instead of training one (``--l2s-artifact``), checked against the model."""
-    if not cfg.l2s_artifact:
-        return None
-    art = SteeringArtifact.load(cfg.l2s_artifact, handle)
-    if art.kind != "l2s":
-        raise InvalidInputError(f"--l2s-artifact {cfg.l2s_artifact} is a {art.kind} artifact; give an L2S one")
-    if art.steer_layers[0] not in cfg.layers:
-        raise InvalidInputError(f"--l2s-artifact steers layer {art.steer_layers[0]}; add it to --layers "
-                                f"(now {cfg.layers})")
-    return art
+def given_artifacts(cfg: EvalConfig) -> dict[str, str]:
+    """``--artifacts`` (and its 0.3 spelling ``--l2s-artifact``) as {method: path}, each method one that is run
+    here and steers with a trained artifact."""
+    pairs = list(cfg.artifacts) + ([f"l2s={cfg.l2s_artifact}"] if cfg.l2s_artifact else [])
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = str(pair).partition("=")
+        if not sep or not name or not path:
+            raise InvalidInputError(f"--artifacts takes METHOD=PATH (e.g. l2s=runs/official/llava-pope), got {pair!r}")
+        m = method(name)
+        if m.source != "artifact":
+            raise InvalidInputError(f"--artifacts {pair}: {name} steers with no trained artifact (it is "
+                                    f"{m.source}-based); give one of "
+                                    f"{', '.join(k for k, v in METHODS.items() if v.source == 'artifact')}")
+        if name not in cfg.methods:
+            raise InvalidInputError(f"--artifacts {pair}: {name} is not among --methods; add it")
+        if name in out:
+            raise InvalidInputError(f"--artifacts gives {name} twice; give one artifact per method")
+        out[name] = path
+    return out
+
+
+def _load_given(cfg: EvalConfig, handle: ModelHandle) -> list[tuple[str, SteeringArtifact]]:
+    """The artifacts to evaluate instead of the trained ones (``--artifacts``), each checked against the model,
+    the kind its method steers with and the swept layers; as (the trained artifact it replaces, artifact)."""
+    arts = []
+    for name, path in given_artifacts(cfg).items():
+        art = SteeringArtifact.load(path, handle)
+        slot = METHODS[name].artifact or ""
+        kind = slot if slot in PREDICTORS else "fixed"  # a predictor's slot takes its kind; another, any vector
+        if art.kind != kind:
+            raise InvalidInputError(f"--artifacts {name}={path} is a {art.kind} artifact; {name} steers with "
+                                    f"{kind} artifacts")
+        if art.steer_layers[0] not in cfg.layers:
+            raise InvalidInputError(f"--artifacts {name}={path} steers layer {art.steer_layers[0]}; add it to "
+                                    f"--layers (now {cfg.layers})")
+        arts.append((slot, art))
+    return arts
 
 
 def _train_layers(ex: Extraction, ids: Sequence[str], cfg: EvalConfig, spec: BehaviourSpec, layers: Sequence[int],
@@ -254,7 +285,7 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         # config is left as given
         cfg = replace(cfg, layers=sorted({handle.check_layer(x) for x in cfg.layers}),
                       context_layer=None if cfg.context_layer is None else handle.check_layer(cfg.context_layer))
-        official = _load_l2s_artifact(cfg, handle)
+        given = _load_given(cfg, handle)
         steering = [m for m in methods if METHODS[m].steers]
         per_input = any(METHODS[m].per_input for m in methods)
         distinct_test = unique_inputs(test)  # the test inputs the grid answers and per-input methods extract
@@ -284,11 +315,11 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         arts = reused[0] if reused is not None else (
             _train_layers(ex, [e.id for e in train], cfg, spec, layers, out / "artifacts", job, progress)
             if steering and ex is not None else {})
-        # P2S uses the targets of the L2S trained here, also when another L2S artifact is evaluated
+        # P2S uses the targets of the artifacts trained here, also when a given artifact is evaluated instead
         source = next((a for a in (scales_artifact(METHODS[m]) for m in methods) if a), None)
         scales = {layer: target_scales(at_layer.get(source or ""), layer) for layer, at_layer in arts.items()}
-        if official is not None:
-            arts.setdefault(official.steer_layers[0], {})[official.kind] = official
+        for slot, art in given:
+            arts.setdefault(art.steer_layers[0], {})[slot] = art
         timings["train"] = time.perf_counter() - t
         if chosen:
             cells = [Cell(m, None, 0.0) for m in methods if not METHODS[m].steers]

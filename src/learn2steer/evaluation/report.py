@@ -35,7 +35,8 @@ def markdown_table(records: Sequence[dict[str, Any]], task: Task) -> str:
         vals = [_fmt(h.get(c), c not in task.not_percent) for c in columns]
         lines.append(f"| {r['method']} | {r['layer'] if r['layer'] is not None else '-'} | {r['alpha']:g} | "
                      + " | ".join(vals) + " |")
-    note = "Figures in %" + (f" except {', '.join(task.not_percent)}" if task.not_percent else "") + "."
+    plain = task.noted_numbers(columns)
+    note = "Figures in %" + (f" except {', '.join(plain)}" if plain else "") + "."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

@@ -123,6 +123,11 @@ class Task:
         """Higher is better; used to choose layer and alpha on validation data (``base``: no steering)."""
         raise NotImplementedError
 
+    def noted_numbers(self, columns: Sequence[str]) -> list[str]:
+        """The figures a table's note names as numbers, not percentages (every ``not_percent`` one, as in 0.3,
+        whether or not this table has its column)."""
+        return list(self.not_percent)
+
     def plot_metrics(self, metrics: Mapping[str, Any]) -> list[str]:
         """The figures the report plots against alpha: every headline figure unless a task says otherwise."""
         return list(self.headline(metrics))
@@ -441,6 +446,10 @@ class ChairOptions:
         "help": "CHAIR ground truth (json or json.gz; default: $L2S_COCO_GT)."})
     synonyms: str | None = field(default=None, metadata={
         "help": "CHAIR synonyms.txt (when the ground truth has no word tables)."})
+    words: bool | None = field(default=None, metadata={
+        "help": "Also report the answers' mean length in words (mean_words; a short answer can hallucinate less). "
+                "Default: for descriptions of text scenes, not for image captions, whose reports keep 0.3's "
+                "columns."})
 
 
 @register_task("chair", options=ChairOptions)
@@ -451,8 +460,9 @@ class ChairTask(Task):
     default_behaviour = "hallucination"
     not_percent = ("mean_words",)
 
-    def __init__(self, evaluator: ChairEvaluator) -> None:
+    def __init__(self, evaluator: ChairEvaluator, words: bool | None = None) -> None:
         self.evaluator = evaluator
+        self.words = words
 
     @classmethod
     def check(cls, options: Any) -> None:
@@ -472,7 +482,7 @@ class ChairTask(Task):
                 raise
             raise MissingFileError("task chair needs the ground-truth objects: --chair-gt (e.g. ../shared/data/chair/"
                                    "coco2014_chair_gt_objects.json.gz) or L2S_COCO_GT") from None
-        return cls(ChairEvaluator.from_files(gt, o.synonyms))
+        return cls(ChairEvaluator.from_files(gt, o.synonyms), o.words)
 
     def admits(self, m: Method) -> bool:
         """Every method but the per-input ones (P2S and Norm-Rnd need a per-image contrast)."""
@@ -480,9 +490,12 @@ class ChairTask(Task):
 
     def score(self, examples: Sequence[Example], responses: Sequence[str],
               reference: Sequence[str] | None = None) -> Scores:
-        """CHAIR_s, CHAIR_i and recall, the answers' mean length in words, and the objects found in each caption."""
+        """CHAIR_s, CHAIR_i and recall, the answers' mean length in words (``words``; by default for text scenes,
+        which have no image), and the objects found in each caption."""
         metrics: dict[str, Any] = dict(self.evaluator.evaluate({e.id: r for e, r in zip(examples, responses)}))
-        metrics["mean_words"] = _mean([len((r or "").split()) for r in responses])
+        words = self.words if self.words is not None else all(e.image is None for e in examples)
+        if words:
+            metrics["mean_words"] = _mean([len((r or "").split()) for r in responses])
         per_example = [{"id": e.id, "objects": self.evaluator.caption_objects(r or "")}
                        for e, r in zip(examples, responses)]
         return Scores(metrics, per_example)
@@ -494,6 +507,10 @@ class ChairTask(Task):
     def objective(self, metrics: Mapping[str, Any], base: Mapping[str, Any]) -> float:
         """Fewer captions with a hallucinated object."""
         return -float(metrics["chair_s"])
+
+    def noted_numbers(self, columns: Sequence[str]) -> list[str]:
+        """``mean_words`` when the table has it (image captions' tables keep 0.3's note)."""
+        return [c for c in self.not_percent if c in columns]
 
 
 def task_options(name: str, source: Any = None, **flat: Any) -> Any:
