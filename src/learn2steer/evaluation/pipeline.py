@@ -34,7 +34,7 @@ from learn2steer.evaluation.datasets import (
 from learn2steer.evaluation.grid import REFERENCE, Cell, CellResult, grid, run_grid, unique_inputs
 from learn2steer.evaluation.judges import CachedJudge, make_judge
 from learn2steer.evaluation.report import write_report
-from learn2steer.evaluation.tasks import Task, TaskOptions, make_task, task_class
+from learn2steer.evaluation.tasks import TASKS, Task, TaskOptions, make_task, task_class
 from learn2steer.extraction import Extraction, extract
 from learn2steer.methods import (
     METHODS,
@@ -58,7 +58,7 @@ class EvalConfig(ModelOptions, DataOptions, TaskOptions):
 
     out: Path | None = field(default=None, metadata={"help": "Run folder (resumable): split, extraction, "
                                                               "artifacts, cells, table, plots, report."})
-    task: str = field(default="safety", metadata={"help": "A registered task: safety | pope | chair."})
+    task: str = field(default="safety", metadata={"help": "A registered task: " + " | ".join(TASKS) + "."})
     train_dataset: str | None = field(default=None, metadata={
         "help": "Train on this dataset and test on all of --dataset (ids are namespaced 'train:')."})
     behaviour: str | None = field(default=None, metadata={
