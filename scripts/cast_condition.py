@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from learn2steer.artifacts import SteeringArtifact
-from learn2steer.cast import CASTNet, condition_rows
+from learn2steer.cast import CASTNet, _balanced_accuracy, condition_rows
 from learn2steer.extraction import load_extraction
 
 
@@ -24,14 +24,13 @@ def main(run: Path, layer: int) -> dict[str, float]:
     ex = load_extraction(run / "extraction")
     train = set(json.loads((run / "split.json").read_text())["train"])
     test = ex.select([i for i in ex.ids if i not in train])
-    art = next(SteeringArtifact.load(p) for p in sorted((run / "artifacts").glob("L*/cast"))
-               if SteeringArtifact.load(p).context_layer == layer)
+    arts = (SteeringArtifact.load(p) for p in sorted((run / "artifacts").glob("L*/cast")))
+    art = next(a for a in arts if a.context_layer == layer)
     assert isinstance(art.predictor, CASTNet)
     fires = art.predictor.holds(test.h[layer].float())
     truth = condition_rows(test)
-    tp, tn = int((fires & truth).sum()), int((~fires & ~truth).sum())
-    out = {"n": len(test.ids), "accuracy": (tp + tn) / len(test.ids),
-           "balanced_accuracy": 0.5 * (tp / max(int(truth.sum()), 1) + tn / max(int((~truth).sum()), 1)),
+    out = {"n": len(test.ids), "accuracy": int((fires == truth).sum()) / len(test.ids),
+           "balanced_accuracy": _balanced_accuracy(fires, truth),  # the figure CAST's own fit reports
            "fires": float(fires.float().mean()), "should_fire": float(truth.float().mean())}
     print(json.dumps(out, indent=1))
     return out

@@ -63,6 +63,17 @@ class DemoConfig:
         check_choices(self)
 
 
+#: solved examples a base model gets before each demo request, question or description (chosen on training scenes
+#: for POPE, docs/HALLUCINATION.md); an instruction-tuned model gets none
+BASE_MODEL_SHOTS = 2
+
+
+def _base_model(cfg: DemoConfig) -> bool:
+    """True for an embedded base model (no chat template of its own: Gemma-3-270M)."""
+    emb = embedded_model(cfg.model)
+    return bool(emb and emb.base)
+
+
 def demo_eval_config(cfg: DemoConfig) -> EvalConfig:
     """The demo as evaluation settings (the only place the demo's choices live)."""
     if cfg.task == "hallucination":
@@ -76,9 +87,8 @@ def demo_eval_config(cfg: DemoConfig) -> EvalConfig:
         # small-model settings, measured on SmolLM2-135M (docs/DEMO.md); the paper's are TrainConfig's defaults
         train=TrainConfig(seed=cfg.seed, epochs=200, lr=3e-3, standardize=True, l1=0.0, cosine=0.0,
                           val_fraction=0.2, threads=cfg.threads))
-    emb = embedded_model(cfg.model)
-    if emb and emb.base:  # a base model answers in the form of two solved questions (DemoOptions)
-        base["demo"] = DemoOptions(few_shot=2)
+    if _base_model(cfg):  # a base model answers in the form of solved questions (DemoOptions)
+        base["demo"] = DemoOptions(few_shot=BASE_MODEL_SHOTS)
     if cfg.quick:
         base.update(layers=[12], alphas=[1.0, 1.5], max_new_tokens=28, train_limit=100, test_limit=42)
     return EvalConfig(**base)
@@ -164,9 +174,8 @@ def hallucination_configs(cfg: DemoConfig) -> tuple[EvalConfig, EvalConfig]:
     """
     pope, gt = _hallucination_data(cfg)
     out = Path(cfg.out)
-    emb = embedded_model(cfg.model)
-    base_model = bool(emb and emb.base)
-    scene = SceneOptions(gt=gt, seed=cfg.seed, few_shot=2 if base_model else 0)
+    base_model = _base_model(cfg)
+    scene = SceneOptions(gt=gt, seed=cfg.seed, few_shot=BASE_MODEL_SHOTS if base_model else 0)
     n_layers = 18 if base_model else 30
     layers = [n_layers // 3, n_layers // 2, 2 * n_layers // 3]
     common: dict[str, Any] = dict(

@@ -295,8 +295,8 @@ def run_eval(cfg: EvalConfig, *, handle: ModelHandle | None = None, progress: bo
         if steering and reused is None:
             t = time.perf_counter()
             # per-input methods need the test inputs' own vectors: one per distinct input, as the grid answers
-            to_extract = train + ([e for e in distinct_test if e.id not in {x.id for x in train}]
-                                  if per_input else [])
+            train_ids = {x.id for x in train}
+            to_extract = train + ([e for e in distinct_test if e.id not in train_ids] if per_input else [])
             ex = extract(handle, spec, to_extract, out / "extraction", steer_layers=cfg.layers,
                          context_layers=ctx_layers, batch_size=cfg.batch_size, progress=progress)
             timings["extract"] = time.perf_counter() - t
